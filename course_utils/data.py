@@ -1,0 +1,163 @@
+"""Text for calibration and evaluation, per profile, and calibration batches with attention masks.
+
+Offline: the English Wikipedia excerpt shipped inside the ``gensim`` wheel (98 articles with
+prose), split by article into a calibration pool (all but the last 10 articles) and a held-out
+evaluation split (the last 10), plus the Lee news corpus (also in gensim) as a second domain.
+Full: WikiText-2 (raw) from the Hugging Face Hub: train as the calibration pool, test as held-out.
+Corpus text is read from the packages at run time and never committed.
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+import os
+import random
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .profiles import Profile, cache_dir, get_profile
+
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+NEWS_FILE = "lee_background.cor"
+N_EVAL_ARTICLES = 10  # the last 10 prose articles are held out
+MIN_WORDS = 20  # a paragraph with fewer words is not prose (captions, list items)
+SPLITS = ("calibration", "evaluation", "news")
+CORPUS_VERSION = 1  # bump when the cleaning rules change, so caches are rebuilt
+
+
+def gensim_test_data() -> Path:
+    """The folder of test data inside the gensim wheel."""
+    try:
+        import gensim
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ValueError("the offline text needs gensim: pip install gensim (or run `make course`)") from exc
+    return Path(gensim.__file__).parent / "test" / "test_data"
+
+
+_MARKUP = [
+    (re.compile(r"'{2,}"), ""),  # bold/italic quotes
+    (re.compile(r"\(\s*[,;]?\s*\)"), ""),  # parentheses emptied by template removal
+    (re.compile(r"\s+([,.;:])"), r"\1"),  # space before punctuation
+    (re.compile(r"\s{2,}"), " "),
+]
+
+
+def clean_paragraph(text: str) -> str:
+    """Strip the wiki markup that ``filter_wiki`` leaves behind."""
+    for pattern, repl in _MARKUP:
+        text = pattern.sub(repl, text)
+    return text.strip()
+
+
+def is_prose(paragraph: str) -> bool:
+    """Keep running text: enough words, no heading, list, table or template remains."""
+    if paragraph[:1] in "=*#|{!:;<" or paragraph.startswith("Category:"):
+        return False
+    return len(paragraph.split()) >= MIN_WORDS and paragraph[-1] in ".!?\"'"
+
+
+@lru_cache(maxsize=1)
+def wikipedia_articles() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(title, prose paragraphs) for every article of the gensim excerpt that has prose, in file order.
+
+    Parsed once (~4 s) and kept as JSON in the cache afterwards.
+    """
+    cached = cache_dir() / f"wikipedia_paragraphs_v{CORPUS_VERSION}.json"
+    if cached.exists():
+        return tuple((title, tuple(paragraphs)) for title, paragraphs in json.loads(cached.read_text()))
+    articles = _parse_wikipedia()
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(articles))
+    os.replace(tmp, cached)
+    return articles
+
+
+def _parse_wikipedia() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    articles = []
+    with bz2.BZ2File(gensim_test_data() / WIKI_FILE) as handle:
+        for title, text, _page_id in extract_pages(handle):
+            paragraphs = []
+            for block in filter_wiki(text).split("\n\n"):
+                paragraph = clean_paragraph(" ".join(block.split("\n")))
+                if paragraph and is_prose(paragraph):
+                    paragraphs.append(paragraph)
+            if paragraphs:
+                articles.append((title, tuple(paragraphs)))
+    return tuple(articles)
+
+
+@lru_cache(maxsize=1)
+def news_documents() -> tuple[str, ...]:
+    """The Lee news corpus (Australian news, one document per line) from gensim's test data."""
+    lines = (gensim_test_data() / NEWS_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
+    return tuple(line.strip() for line in lines if len(line.split()) >= MIN_WORDS)
+
+
+def _wikitext(split: str) -> list[str]:
+    from datasets import load_dataset
+
+    hub_split = {"calibration": "train", "evaluation": "test"}[split]
+    rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=hub_split)["text"]
+    return [r.strip() for r in rows if len(r.split()) >= MIN_WORDS and not r.strip().startswith("=")]
+
+
+def load_texts(split: str = "evaluation", profile: Profile | str | None = None) -> list[str]:
+    """Paragraphs of one split: ``"calibration"`` (pool for scores), ``"evaluation"`` (held out) or ``"news"``."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    profile = get_profile(profile)
+    if split == "news":
+        return list(news_documents())
+    if not profile.offline:
+        return _wikitext(split)
+    articles = wikipedia_articles()
+    chosen = articles[:-N_EVAL_ARTICLES] if split == "calibration" else articles[-N_EVAL_ARTICLES:]
+    return [p for _title, paragraphs in chosen for p in paragraphs]
+
+
+def article_titles(split: str = "evaluation") -> list[str]:
+    """Titles of the offline articles in ``split`` (to show learners what the held-out text is)."""
+    articles = wikipedia_articles()
+    chosen = articles[:-N_EVAL_ARTICLES] if split == "calibration" else articles[-N_EVAL_ARTICLES:]
+    return [title for title, _ in chosen]
+
+
+def calibration_batches(tokenizer, texts: list[str], n_samples: int = 64, seq_len: int = 256,
+                        batch_size: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Seeded sample of ``n_samples`` paragraphs, tokenised (right padding, truncation) into batches.
+
+    Each batch is a dict with ``input_ids`` and ``attention_mask`` of shape (batch, seq); padding
+    positions have mask 0 so statistics can exclude them.
+    """
+    if not texts:
+        raise ValueError("calibration data is empty: pass a non-empty list of texts (e.g. load_texts('calibration'))")
+    if n_samples < 1 or seq_len < 2 or batch_size < 1:
+        raise ValueError(f"need n_samples >= 1, seq_len >= 2, batch_size >= 1; got {n_samples}, {seq_len}, {batch_size}")
+    rng = random.Random(seed)
+    chosen = rng.sample(texts, n_samples) if n_samples <= len(texts) else rng.choices(texts, k=n_samples)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batches = []
+    for start in range(0, n_samples, batch_size):
+        enc = tokenizer(chosen[start:start + batch_size], return_tensors="pt", padding=True,
+                        truncation=True, max_length=seq_len)
+        if tokenizer.padding_side != "right":  # statistics assume nothing; generation helpers pad left
+            enc = tokenizer.pad({"input_ids": [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]},
+                                return_tensors="pt", padding_side="right")
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return batches
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    """Write rows as JSON lines (used for the generated evaluation tasks)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
