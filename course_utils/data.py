@@ -136,20 +136,20 @@ def calibration_batches(tokenizer, texts: list[str], n_samples: int = 64, seq_le
     positions have mask 0 so statistics can exclude them.
     """
     if not texts:
-        raise ValueError("calibration data is empty: pass a non-empty list of texts (e.g. load_texts('calibration'))")
+        raise ValueError("calibration data is empty: pass a non-empty list of texts "
+                         "(e.g. data.load_texts('calibration'))")
     if n_samples < 1 or seq_len < 2 or batch_size < 1:
-        raise ValueError(f"need n_samples >= 1, seq_len >= 2, batch_size >= 1; got {n_samples}, {seq_len}, {batch_size}")
+        raise ValueError("need n_samples >= 1, seq_len >= 2, batch_size >= 1; "
+                         f"got {n_samples}, {seq_len}, {batch_size}")
     rng = random.Random(seed)
     chosen = rng.sample(texts, n_samples) if n_samples <= len(texts) else rng.choices(texts, k=n_samples)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batches = []
     for start in range(0, n_samples, batch_size):
+        # right padding: real tokens first, so positions are those of an unpadded run
         enc = tokenizer(chosen[start:start + batch_size], return_tensors="pt", padding=True,
-                        truncation=True, max_length=seq_len)
-        if tokenizer.padding_side != "right":  # statistics assume nothing; generation helpers pad left
-            enc = tokenizer.pad({"input_ids": [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]},
-                                return_tensors="pt", padding_side="right")
+                        truncation=True, max_length=seq_len, padding_side="right")
         batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return batches
 

@@ -205,7 +205,8 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: list[str] | None = None,
         names = list(tasks or configs)
         unknown = [t for t in names if t not in configs]
         if unknown:
-            raise ValueError(f"offline lm-eval tasks are {sorted(configs)}; got {unknown} (Hub tasks need the full profile)")
+            raise ValueError(f"offline lm-eval tasks are {sorted(configs)}; got {unknown} "
+                             "(Hub tasks such as boolq need the full profile)")
         task_list: list = [configs[t] for t in names]
     else:
         task_list = list(tasks or FULL_LM_EVAL_TASKS)
@@ -248,7 +249,7 @@ def latency(model: nn.Module, tokenizer=None, prompt_tokens: int = 128, new_toke
     device = _device_of(model)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(100, vocab, (1, prompt_tokens), generator=generator).to(device)
+    prompt = torch.randint(vocab // 10, vocab, (1, prompt_tokens), generator=generator).to(device)  # (1, prompt)
 
     def sync() -> None:
         if device.type == "cuda":

@@ -122,7 +122,7 @@ class Tap:
         if not blocks:
             raise ValueError(f"nothing kept for layer {index}: open the context with keep=True and run a batch")
         if isinstance(blocks[0], tuple):
-            return tuple(torch.cat(parts) for parts in zip(*blocks))
+            return tuple(torch.cat(parts) for parts in zip(*blocks, strict=True))
         return torch.cat(blocks)
 
 

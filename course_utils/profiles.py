@@ -157,7 +157,8 @@ def environment_report(profile: Profile) -> list[str]:
     """The ``[OK]``/``[FAIL]`` lines ``setup()`` prints."""
     rows = check_versions()
     rows.append((sys.version_info >= (3, 10), f"python {platform.python_version()}"))
-    rows.append((True, f"device: {profile.device}" + (f" ({torch.cuda.get_device_name(0)})" if profile.device.type == "cuda" else "")))
+    gpu = f" ({torch.cuda.get_device_name(0)})" if profile.device.type == "cuda" else ""
+    rows.append((True, f"device: {profile.device}{gpu}"))
     rows.append((True, f"profile: {profile.name} (text: {profile.text})"))
     for role, model_id in profile.models.items():
         rows.append((True, f"model [{role}]: {model_id}"))
@@ -178,10 +179,26 @@ def _make_profile(name: str, seed: int) -> Profile:
                    text=TEXT_SOURCES[name], **BUDGETS[name])
 
 
+def quiet_libraries() -> None:
+    """Silence download/loading progress bars and info logs so notebook outputs stay short."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - datasets is a requirement
+        pass
+
+
 def setup(profile: str | None = None, seed: int = 0, verbose: bool = True) -> Profile:
     """Seed everything, pick the device and profile, print the environment report."""
     result = _make_profile(resolve_profile_name(profile), seed)
     seed_everything(seed)
+    quiet_libraries()
     if verbose:
         print("\n".join(environment_report(result)))
     return result

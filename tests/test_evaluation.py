@@ -1,0 +1,100 @@
+"""Perplexity, last-word accuracy and speed measurements: protocol, bad input, tables."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_gpt2
+
+from course_utils import evaluation
+
+
+class CharTokenizer:
+    """One token per character (ids 1..99), enough to test the evaluation protocol on tiny models."""
+
+    pad_token_id = 0
+    pad_token = "<pad>"
+    eos_token = "<pad>"
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = [1 + (ord(ch) % 99) for ch in text]
+        return {"input_ids": torch.tensor([ids])} if return_tensors == "pt" else {"input_ids": ids}
+
+
+def test_perplexity_protocol_matches_manual_computation():
+    model, tok = tiny_gpt2(), CharTokenizer()
+    texts = ["abcdefghij" * 3, "klmnopqrst" * 2]
+    ids = tok("\n\n".join(texts), return_tensors="pt")["input_ids"][0]
+    window = 16
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), window):
+            chunk = ids[start:start + window]
+            if len(chunk) < 2:
+                continue
+            logits = model(chunk[None]).logits[0, :-1]
+            nll += torch.nn.functional.cross_entropy(logits, chunk[1:], reduction="sum").item()
+            count += len(chunk) - 1
+    expected = math.exp(nll / count)
+    assert evaluation.perplexity(model, tok, texts, window=window, batch_size=2) == pytest.approx(expected, rel=1e-5)
+    # a random 100-token model is close to uniform: PPL near the vocabulary size
+    assert 50 < expected < 200
+
+
+def test_perplexity_budget_truncates():
+    model, tok = tiny_gpt2(), CharTokenizer()
+    texts = ["abcdefghij" * 10]
+    assert evaluation.perplexity(model, tok, texts, window=8, max_tokens=40) == pytest.approx(
+        evaluation.perplexity(model, tok, ["abcdefghij" * 4], window=8))
+
+
+@pytest.mark.parametrize("texts,window,message", [([], 8, "texts is empty"), (["  "], 8, "texts is empty"),
+                                                  (["abc"], 1, "window must be >= 2")])
+def test_perplexity_bad_input(texts, window, message):
+    with pytest.raises(ValueError, match=message):
+        evaluation.perplexity(tiny_gpt2(), CharTokenizer(), texts, window=window)
+
+
+def test_lastword_items_need_the_word_in_context():
+    paragraph = ("The river flows north through the valley and the river then turns east near the old mill "
+                 "where farmers have ground grain for centuries and the water is clear and cold in every season "
+                 "of the year, so people call it the river.")
+    items = evaluation.build_lastword_items([paragraph])
+    assert items == [{"context": paragraph[:-len("river.")].strip(), "target": "river"}]
+    assert evaluation.build_lastword_items(["Too short to be an item, with the word short."]) == []
+
+
+def test_last_word_accuracy_counts_greedy_matches():
+    class Oracle(torch.nn.Module):
+        """Always predicts the token id 7 ('x' in CharTokenizer when ord % 99 == 6)."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask=None):
+            logits = torch.zeros(*input_ids.shape, 100)
+            logits[..., 7] = 1.0
+            return type("Out", (), {"logits": logits})()
+
+    tok = CharTokenizer()
+    seven = chr(6 + 99)  # the character whose id is 7
+    items = [{"context": "ab", "target": seven * 2}, {"context": "ab", "target": "zz"}]
+    # the target is " " + word; the space token (id 1 + 32 % 99 = 33) is never predicted -> 0 correct
+    assert evaluation.last_word_accuracy(Oracle(), tok, items) == 0.0
+    with pytest.raises(ValueError, match="no last-word items"):
+        evaluation.last_word_accuracy(Oracle(), tok, [])
+
+
+def test_latency_reports_positive_medians():
+    timing = evaluation.latency(tiny_gpt2(), prompt_tokens=8, new_tokens=4, runs=2)
+    assert timing.prefill_ms > 0 and timing.decode_tok_s > 0 and timing.runs == 2
+
+
+def test_markdown_table_ratios():
+    rows = [evaluation.EvalRow("base", 100_000_000, 20.0, 0.5, 10.0, 20.0),
+            evaluation.EvalRow("pruned", 80_000_000, 25.0, 0.4, 8.0, 25.0)]
+    table = evaluation.markdown_table(rows, base="base")
+    assert "| pruned | 80.0 | 25.00 | 0.400 | 8.0 | 25.0 | 0.80x | 1.25x | 1.25x |" in table
+    with pytest.raises(ValueError, match="base row 'nope'"):
+        evaluation.markdown_table(rows, base="nope")

@@ -1,0 +1,188 @@
+"""Tests for course_utils.surgery on tiny random GPT-2 and Llama models."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from course_utils import arch, surgery
+
+IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+def tiny_model(family: str, mlp_bias: bool = False) -> nn.Module:
+    """A 2-layer random GPT-2 (MLP width 128) or Llama (MLP width 64) in eval mode."""
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64)
+        return GPT2LMHeadModel(config).eval()
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, mlp_bias=mlp_bias)
+    return LlamaForCausalLM(config).eval()
+
+
+def calibration() -> list[dict]:
+    """One random batch (2, 8) whose second row is right-padded after 5 tokens."""
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    return [{"input_ids": torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1)),
+             "attention_mask": mask}]
+
+
+@torch.no_grad()
+def logits(model: nn.Module) -> torch.Tensor:
+    return model(IDS).logits
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for name, tensor in before.items():
+        assert after[name].shape == tensor.shape and torch.equal(after[name], tensor), name
+
+
+@pytest.mark.parametrize(("family", "mlp_bias"), [("gpt2", False), ("llama", False), ("llama", True)])
+def test_removing_silent_neurons_preserves_function(family, mlp_bias):
+    model = tiny_model(family, mlp_bias)
+    dead = torch.tensor([0, 5, 17, 40])
+    with torch.no_grad():
+        for index in range(arch.num_layers(model)):
+            out = arch.mlp_parts(model, index).output.weight
+            if family == "gpt2":
+                out[dead] = 0  # Conv1D c_proj: (width, hidden), a neuron is a row
+            else:
+                out[:, dead] = 0  # Linear down_proj: (hidden, width), a neuron is a column
+    expected = logits(model)
+    width = arch.mlp_parts(model, 0).width
+    keep = torch.ones(width, dtype=torch.bool)
+    keep[dead] = False
+    surgery.remove_mlp_neurons(model, {0: keep.nonzero().flatten(), 1: keep.nonzero().flatten()})
+    torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=0)
+    assert arch.intermediate_size(model) == width - len(dead)
+    parts = arch.mlp_parts(model, 1)
+    assert parts.width == width - len(dead)
+    assert all(p.weight.dtype == torch.float32 for p in (*parts.inputs, parts.output))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_prune_mlp_shrinks_and_reloads(family, tmp_path):
+    model = tiny_model(family)
+    width = arch.mlp_parts(model, 0).width
+    report = surgery.prune_mlp(model, 0.25, method="l2")
+    assert report.params_after < report.params_before
+    assert report.kept_width == {0: width * 3 // 4, 1: width * 3 // 4}
+    assert arch.intermediate_size(model) == width * 3 // 4
+    assert not hasattr(model.config, "intermediate_sizes")
+    expected = logits(model)
+    assert torch.isfinite(expected).all()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded), expected, atol=0, rtol=0)
+    assert str(report).startswith("prune_mlp(l2, ratio=0.25)")
+
+
+def test_prune_mlp_with_calibration_and_protected_layer():
+    model = tiny_model("llama")
+    report = surgery.prune_mlp(model, 0.5, method="flap", calibration=calibration(), protect=(0,))
+    assert report.kept_width == {0: 64, 1: 32}
+    assert model.config.intermediate_sizes == [64, 32]
+    assert model.config.intermediate_size == 64
+    assert model.model.layers[1].mlp.intermediate_size == 32
+    assert torch.isfinite(logits(model)).all()
+
+
+def test_uniform_pruning_clears_an_old_per_layer_list():
+    model = tiny_model("gpt2")
+    surgery.prune_mlp(model, 0.5, protect=(1,))
+    assert model.config.intermediate_sizes == [64, 128]
+    surgery.remove_mlp_neurons(model, {1: torch.arange(64)})
+    assert model.config.n_inner == 64 and not hasattr(model.config, "intermediate_sizes")
+
+
+def test_select_neurons_keeps_the_highest_scores():
+    scores = {0: torch.tensor([0.1, 0.9, 0.5, 0.7]), 1: torch.tensor([3.0, 1.0, 2.0, 0.0])}
+    keep = surgery.select_neurons(scores, 0.5, protect=(1,))
+    assert keep[0].tolist() == [1, 3]
+    assert keep[1].tolist() == [0, 1, 2, 3]
+    assert keep[0].dtype == torch.long
+    with pytest.raises(ValueError, match="protected layers \\[5\\]"):
+        surgery.select_neurons(scores, 0.5, protect=(5,))
+
+
+@pytest.mark.parametrize(("width", "ratio", "multiple_of", "expected"), [
+    (64, 0.3, 1, 45),  # 44.8 -> 45
+    (64, 0.3, 8, 48),  # 5.6 blocks of 8 -> 6
+    (64, 0.3, 16, 48),  # 2.8 blocks of 16 -> 3
+    (10, 0.95, 4, 4),  # never 0
+    (6, 0.0, 4, 6),  # never above the width
+    (64, 0.0, 1, 64),
+])
+def test_kept_width_rounding(width, ratio, multiple_of, expected):
+    assert surgery.kept_width(width, ratio, multiple_of) == expected
+
+
+def test_prune_mlp_rounds_to_multiple_of():
+    model = tiny_model("llama")
+    report = surgery.prune_mlp(model, 0.3, method="l1", multiple_of=16)
+    assert report.kept_width == {0: 48, 1: 48}
+    assert model.config.intermediate_size == 48
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(ratio=1.0), "must be in \\[0, 1\\); got 1.0"),
+    (dict(ratio=1.2), "must be in \\[0, 1\\); got 1.2"),
+    (dict(ratio=-0.1), "got -0.1"),
+    (dict(ratio="a"), "got 'a'"),
+    (dict(ratio=0.5, protect=(99,)), "\\[0, 1\\] for this 2-layer model; got 99"),
+    (dict(ratio=0.5, method="nope"), "unknown importance method"),
+    (dict(ratio=0.5, method="flap"), "needs calibration data"),
+    (dict(ratio=0.5, method="wanda_like", calibration=[]), "needs calibration data"),
+    (dict(ratio=0.5, multiple_of=0), "multiple_of"),
+])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_prune_mlp_bad_input_leaves_model_untouched(family, kwargs, message):
+    model = tiny_model(family)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        surgery.prune_mlp(model, **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_prune_mlp_rejects_unsupported_model():
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 vocab_size=100))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="unsupported architecture 'bert'.*GPT-2"):
+        surgery.prune_mlp(model, 0.5)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(("bad_layer_1", "message"), [
+    (torch.tensor([0, 64]), "must be in \\[0, 63\\]"),
+    (torch.tensor([-1, 3]), "must be in \\[0, 63\\]"),
+    (torch.tensor([2, 2, 5]), "duplicates"),
+    (torch.tensor([], dtype=torch.long), "empty"),
+    (torch.tensor([0.0, 1.0]), "integer"),
+    (torch.tensor([[0, 1]]), "1-D"),
+])
+def test_remove_mlp_neurons_validates_every_layer_first(bad_layer_1, message):
+    model = tiny_model("llama")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        surgery.remove_mlp_neurons(model, {0: torch.arange(10), 1: bad_layer_1})
+    assert_unchanged(model, before)
+    assert model.config.intermediate_size == 64
+
+
+def test_remove_mlp_neurons_rejects_bad_layer_index():
+    model = tiny_model("gpt2")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="got 2"):
+        surgery.remove_mlp_neurons(model, {0: torch.arange(10), 2: torch.arange(10)})
+    assert_unchanged(model, before)
