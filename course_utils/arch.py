@@ -39,6 +39,7 @@ class ArchSpec:
     n_kv_heads_key: str | None  # config key: number of key/value heads (None: same as query heads)
     hidden_key: str  # config key: model width
     per_layer_keys: tuple[str, ...] = ()  # config lists with one entry per layer (e.g. layer_types)
+    mlp_bias_key: str | None = None  # config flag that gives the MLP projections biases (None: always there)
 
 
 GPT2 = ArchSpec(
@@ -88,6 +89,7 @@ LLAMA = ArchSpec(
     n_kv_heads_key="num_key_value_heads",
     hidden_key="hidden_size",
     per_layer_keys=("layer_types",),
+    mlp_bias_key="mlp_bias",
 )
 
 SPECS: tuple[ArchSpec, ...] = (GPT2, LLAMA)

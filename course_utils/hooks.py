@@ -48,10 +48,16 @@ class TokenStats:
     sq_sum: torch.Tensor | None = None
     max: torch.Tensor | None = None
     min: torch.Tensor | None = None
+    track_gram: bool = False  # also accumulate the (dim, dim) Gram matrix sum(a a^T) in float64
+    gram: torch.Tensor | None = None  # (dim, dim), for least-squares refits
 
     def update(self, tokens: torch.Tensor) -> None:
         """Add a (n_tokens, dim) block."""
         t = tokens.detach().float()
+        if self.track_gram:
+            t64 = t.double()
+            block = t64.T @ t64  # (dim, dim)
+            self.gram = block if self.gram is None else self.gram + block
         if self.sum is None:
             self.sum, self.abs_sum, self.sq_sum = t.sum(0), t.abs().sum(0), (t * t).sum(0)
             self.max, self.min = t.max(0).values, t.min(0).values
@@ -76,6 +82,13 @@ class TokenStats:
         return self.sq_sum / self.count
 
     @property
+    def second_moment(self) -> torch.Tensor:
+        """E[a a^T] over real tokens, (dim, dim) float64 (needs ``track_gram=True``)."""
+        if self.gram is None:
+            raise ValueError("no Gram matrix: capture with gram=True")
+        return self.gram / self.count
+
+    @property
     def var(self) -> torch.Tensor:
         """Population variance per feature."""
         return (self.mean_sq - self.mean**2).clamp_min(0)
@@ -87,6 +100,7 @@ class Tap:
 
     layers: list[int]  # decoder-layer indices being tapped
     keep: bool = False  # store every (n_tokens, dim) block in ``raw`` (memory!)
+    gram: bool = False  # stats also accumulate the Gram matrix (dim x dim per layer)
     fn: Callable | None = None  # optional callback fn(layer_index, *token_blocks)
     stats: dict[int, TokenStats] = field(default_factory=dict)
     raw: dict[int, list] = field(default_factory=dict)
@@ -111,7 +125,7 @@ class Tap:
         if self.fn is not None:
             self.fn(index, *tokens)
         if len(tokens) == 1:
-            self.stats.setdefault(index, TokenStats()).update(tokens[0])
+            self.stats.setdefault(index, TokenStats(track_gram=self.gram)).update(tokens[0])
         if self.keep:
             self.raw.setdefault(index, []).append(tuple(t.detach().cpu() for t in tokens)
                                                    if len(tokens) > 1 else tokens[0].detach().cpu())
@@ -168,12 +182,13 @@ def capture_layer_io(model: nn.Module, layers: Iterable[int] | None = None, keep
 
 @contextmanager
 def capture_mlp_activations(model: nn.Module, layers: Iterable[int] | None = None, keep: bool = False,
-                            fn: Callable | None = None) -> Iterator[Tap]:
+                            fn: Callable | None = None, gram: bool = False) -> Iterator[Tap]:
     """Capture the intermediate activations (input of down_proj / c_proj) of each MLP.
 
-    ``tap.stats[i]`` holds running per-neuron statistics (mean, mean |a|, variance, max, min).
+    ``tap.stats[i]`` holds running per-neuron statistics (mean, mean |a|, variance, max, min) and,
+    with ``gram=True``, the Gram matrix that least-squares output refits need.
     """
-    tap = Tap(layers=_resolve_layers(model, layers), keep=keep, fn=fn)
+    tap = Tap(layers=_resolve_layers(model, layers), keep=keep, fn=fn, gram=gram)
     handles = []
     for index in tap.layers:
         output_proj = arch.mlp_parts(model, index).output

@@ -246,3 +246,64 @@ def describe(model: nn.Module) -> Anatomy:
     total = sum(groups.values())
     label = f"{type(model).__name__} ({n_layers} layers)"
     return Anatomy(name=label, groups=groups, per_layer=per_layer, total=total)
+
+
+# Config keys that record structure a stock config cannot express; ``load_pruned`` rebuilds it.
+CUSTOM_STRUCTURE_KEYS = ("intermediate_sizes",)
+
+
+def needs_custom_loader(config) -> bool:
+    """True when a saved model's structure needs ``load_pruned`` (e.g. per-layer MLP widths)."""
+    return any(getattr(config, key, None) for key in CUSTOM_STRUCTURE_KEYS)
+
+
+def save_pruned(model: nn.Module, tokenizer, path: str | Path, card: dict | None = None) -> Path:
+    """Save a pruned model (safetensors + config + tokenizer) with a model card saying how to load it.
+
+    ``card``: what to record, e.g. ``{"method": "wanda_like", "ratio": 0.2, "held-out PPL": 17.3}``.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    custom = needs_custom_loader(model.config)
+    how = ("`course_utils.models.load_pruned(path)`: the structure (per-layer widths) is stored in config.json "
+           "under keys a stock config does not know, so plain `AutoModelForCausalLM.from_pretrained` cannot "
+           "build it." if custom else
+           "plain `transformers.AutoModelForCausalLM.from_pretrained(path)` (no custom code); "
+           "`course_utils.models.load_pruned(path)` works too.")
+    lines = [f"# Pruned {type(model).__name__}", "", f"{count_parameters(model) / 1e6:.2f} M parameters.",
+             "", f"Load with {how}", ""]
+    if card:
+        lines += ["| field | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in card.items()]
+    (path / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def load_pruned(path: str | Path, dtype: torch.dtype | None = None,
+                device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+    """Load a model saved by ``save_pruned``, rebuilding per-layer shapes a stock config cannot express."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    if not needs_custom_loader(config):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        return model.to(device).eval(), tokenizer
+    from . import surgery
+
+    widths = list(config.intermediate_sizes)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    surgery.remove_mlp_neurons(model, {i: torch.arange(w) for i, w in enumerate(widths)})
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{path} does not match its config: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.tie_weights()
+    return model.to(device).eval(), tokenizer

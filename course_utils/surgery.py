@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import arch, importance
+from . import arch, hooks, importance
 from .models import count_parameters
 
 
@@ -140,15 +140,87 @@ def _update_config(model: nn.Module) -> None:
         model.config.intermediate_sizes = widths  # from_pretrained ignores this: needs a custom loader
 
 
-def remove_mlp_neurons(model: nn.Module, keep_by_layer: dict[int, torch.Tensor]) -> nn.Module:
-    """Keep only the given neurons of each listed layer's MLP (in place), update the config, return the model."""
+def refit_output(weight: torch.Tensor, bias: torch.Tensor | None, stats: hooks.TokenStats, keep: torch.Tensor,
+                 ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares refit of an MLP's output projection after keeping only the ``keep`` neurons.
+
+    Solves min over (W', c) of E|| W a + b - (W' a_keep + c) ||^2 over the calibration tokens, in closed
+    form from the second moments E[a a^T] and E[a]: the kept neurons absorb what the removed ones used to
+    write, and the bias ``c`` absorbs their mean (FLAP's bias compensation is the special case W' = W_keep).
+    ``weight`` is (hidden, width) (``nn.Linear`` layout); returns W' (hidden, k) and c (hidden,), float32.
+    A small ridge (``ridge`` x mean diagonal) keeps the solve well conditioned.
+    """
+    moment, mean = stats.second_moment, (stats.sum / stats.count).double()  # (width, width), (width,)
+    k = keep.numel()
+    lhs = torch.empty(k + 1, k + 1, dtype=torch.float64)  # E[x x^T] with x = (a_keep, 1)
+    lhs[:k, :k] = moment[keep][:, keep]
+    lhs[:k, k] = lhs[k, :k] = mean[keep]
+    lhs[k, k] = 1.0
+    lhs[:k, :k] += ridge * lhs.diagonal()[:k].mean() * torch.eye(k, dtype=torch.float64)
+    cross = torch.cat([moment[:, keep], mean[:, None]], dim=1)  # E[a x^T]: (width, k + 1)
+    solution = torch.linalg.solve(lhs, (weight.double() @ cross).T)  # (k + 1, hidden)
+    new_bias = solution[k] + (bias.double() if bias is not None else 0.0)
+    return solution[:k].T.float(), new_bias.float()
+
+
+def _linear_layout(module: nn.Module) -> torch.Tensor:
+    """An output projection's weight as (out, in), whatever its storage (Conv1D stores (in, out))."""
+    return module.weight.detach() if isinstance(module, nn.Linear) else module.weight.detach().T
+
+
+def _enable_mlp_bias(model: nn.Module) -> None:
+    """Give every MLP projection a (zero) bias and set the config flag, so the model reloads unchanged."""
+    spec = arch.get_spec(model)
+    if spec.mlp_bias_key is None or getattr(model.config, spec.mlp_bias_key, False):
+        return
+    for index in range(arch.num_layers(model)):
+        parts = arch.mlp_parts(model, index)
+        for module in [*parts.inputs, parts.output]:
+            if module.bias is None:
+                out_features = _linear_layout(module).shape[0]
+                module.bias = nn.Parameter(torch.zeros(out_features, dtype=module.weight.dtype,
+                                                       device=module.weight.device))
+    setattr(model.config, spec.mlp_bias_key, True)
+
+
+def _check_refit(model: nn.Module, keep_by_layer: dict[int, torch.Tensor],
+                 refit: dict[int, hooks.TokenStats]) -> None:
+    for index in keep_by_layer:
+        stats = refit.get(index)
+        width = arch.mlp_parts(model, index).width
+        if stats is None or stats.gram is None or stats.gram.shape != (width, width):
+            raise ValueError(f"refit needs activation statistics with a Gram matrix for layer {index} "
+                             "(hooks.capture_mlp_activations(model, gram=True)) captured on this model")
+
+
+def remove_mlp_neurons(model: nn.Module, keep_by_layer: dict[int, torch.Tensor],
+                       refit: dict[int, hooks.TokenStats] | None = None) -> nn.Module:
+    """Keep only the given neurons of each listed layer's MLP (in place), update the config, return the model.
+
+    With ``refit`` (per-layer activation stats with Gram matrices), the output projection of each
+    pruned layer is refitted by least squares (``refit_output``) so the layer's output changes as
+    little as possible on the calibration tokens; the MLP then carries an output bias.
+    """
     spec = arch.get_spec(model)
     keep_by_layer = _check_keep(model, keep_by_layer)
+    new_outputs = {}
+    if refit is not None:  # compute every refit before touching the model: a failed solve changes nothing
+        _check_refit(model, keep_by_layer, refit)
+        for index, keep in keep_by_layer.items():
+            out = arch.mlp_parts(model, index).output
+            new_outputs[index] = refit_output(_linear_layout(out), out.bias, refit[index], keep)
+        _enable_mlp_bias(model)
     for index, keep in keep_by_layer.items():
         mlp = getattr(arch.decoder_layers(model)[index], spec.mlp)
         for name in spec.mlp_inputs:
             setattr(mlp, name, _sliced(getattr(mlp, name), keep, neurons_out=True))
-        setattr(mlp, spec.mlp_output, _sliced(getattr(mlp, spec.mlp_output), keep, neurons_out=False))
+        out = _sliced(getattr(mlp, spec.mlp_output), keep, neurons_out=False)
+        if index in new_outputs:
+            weight, bias = new_outputs[index]  # (hidden, k) and (hidden,)
+            weight = weight if isinstance(out, nn.Linear) else weight.T  # Conv1D stores (in, out)
+            out.weight.data.copy_(weight.to(out.weight.dtype))
+            out.bias.data.copy_(bias.to(out.bias.dtype))
+        setattr(mlp, spec.mlp_output, out)
         if hasattr(mlp, "intermediate_size"):  # Llama's MLP records its width
             mlp.intermediate_size = keep.numel()
     _update_config(model)

@@ -120,3 +120,30 @@ def test_generation_reads_as_text(smollm2):
     model, tokenizer = smollm2
     text = evaluation.generate(model, tokenizer, "The capital of France is", max_new_tokens=8)
     assert "Paris" in text
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("protect", [(), (0,)])
+def test_save_pruned_reloads_with_identical_logits(tmp_path, family, protect):
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models as tok_models
+
+    from course_utils import surgery
+
+    model = tiny_gpt2() if family == "gpt2" else tiny_llama()
+    surgery.prune_mlp(model, 0.5, method="l2", protect=protect)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel({"<unk>": 0}, "<unk>")),
+                                        unk_token="<unk>")
+    path = models.save_pruned(model, tokenizer, tmp_path / "pruned", card={"method": "l2", "ratio": 0.5})
+    ids = torch.randint(0, 100, (2, 12))
+    reloaded, _ = models.load_pruned(path)
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    card = (path / "README.md").read_text()
+    assert "| method | l2 |" in card
+    if protect:  # per-layer widths: a stock config cannot express them, and the card says so
+        assert models.needs_custom_loader(reloaded.config) and "cannot build it" in card
+    else:
+        plain = AutoModelForCausalLM.from_pretrained(path)
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=0)
+        assert "plain `transformers.AutoModelForCausalLM.from_pretrained(path)`" in card

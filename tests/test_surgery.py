@@ -186,3 +186,72 @@ def test_remove_mlp_neurons_rejects_bad_layer_index():
     with pytest.raises(ValueError, match="got 2"):
         surgery.remove_mlp_neurons(model, {0: torch.arange(10), 2: torch.arange(10)})
     assert_unchanged(model, before)
+
+
+def _stats_with_gram(model: nn.Module) -> dict:
+    from course_utils import hooks
+
+    batches = [{"input_ids": torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(s)),
+                "attention_mask": torch.ones(4, 16, dtype=torch.long)} for s in range(4)]
+    with hooks.capture_mlp_activations(model, gram=True) as tap:
+        tap.run(model, batches)
+    return tap.stats, batches
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_refit_with_every_neuron_kept_is_the_identity(family):
+    model = tiny_model(family)
+    stats, _ = _stats_with_gram(model)
+    out = arch.mlp_parts(model, 0).output
+    weight = out.weight.detach() if isinstance(out, nn.Linear) else out.weight.detach().T
+    bias = out.bias.detach() if out.bias is not None else None
+    keep = torch.arange(arch.mlp_parts(model, 0).width)
+    new_weight, new_bias = surgery.refit_output(weight, bias, stats[0], keep, ridge=0.0)
+    torch.testing.assert_close(new_weight, weight, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(new_bias, bias if bias is not None else torch.zeros_like(new_bias),
+                               atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_refit_reduces_the_layer_output_error(family, tmp_path):
+    """On the calibration tokens, the refitted MLP reproduces the original outputs better than plain slicing."""
+    from course_utils import hooks
+
+    base = tiny_model(family)
+    stats, batches = _stats_with_gram(base)
+    half = torch.arange(0, arch.mlp_parts(base, 0).width, 2)
+    keep = {0: half, 1: half}  # half the neurons of both layers: a uniform width reloads with a stock config
+
+    def mlp_outputs(model):
+        captured = []
+        mlp = getattr(arch.decoder_layers(model)[0], arch.get_spec(model).mlp)
+        handle = mlp.register_forward_hook(lambda m, a, o: captured.append(o.detach()))
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    model(**batch)
+        finally:
+            handle.remove()
+        return torch.cat(captured)
+
+    target = mlp_outputs(base)
+    sliced, refitted = tiny_model(family), tiny_model(family)
+    surgery.remove_mlp_neurons(sliced, keep)
+    surgery.remove_mlp_neurons(refitted, keep, refit=stats)
+    error_sliced = (mlp_outputs(sliced) - target).pow(2).mean()
+    error_refit = (mlp_outputs(refitted) - target).pow(2).mean()
+    assert error_refit < 0.8 * error_sliced
+    assert hooks.count_hooks(refitted) == 0
+    if family == "llama":  # the refit bias travels in a stock config (mlp_bias=True)
+        assert refitted.config.mlp_bias is True
+        refitted.save_pretrained(tmp_path)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(logits(reloaded), logits(refitted), rtol=0, atol=0)
+
+
+def test_refit_without_gram_changes_nothing():
+    model = tiny_model("llama")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="Gram matrix for layer 0"):
+        surgery.remove_mlp_neurons(model, {0: torch.arange(10)}, refit={})
+    assert_unchanged(model, before)
