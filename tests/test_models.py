@@ -126,8 +126,9 @@ def test_generation_reads_as_text(smollm2):
 @pytest.mark.parametrize("protect", [(), (0,)])
 def test_save_pruned_reloads_with_identical_logits(tmp_path, family, protect):
     import torch
+    from tokenizers import Tokenizer
+    from tokenizers import models as tok_models
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models as tok_models
 
     from course_utils import surgery
 
