@@ -146,18 +146,26 @@ def score_layer(model: nn.Module, index: int, method: str, stats: TokenStats | N
     return scorer.fn(parts, stats).float().cpu()
 
 
-def score_model(model: nn.Module, method: str, calibration: list[dict] | None = None) -> dict[int, torch.Tensor]:
-    """Scores of every layer's MLP neurons; data-aware methods collect statistics in one pass over ``calibration``."""
+@torch.no_grad()
+def collect_stats(model: nn.Module, calibration: list[dict], gram: bool = False) -> dict[int, TokenStats]:
+    """Per-layer activation statistics of every MLP over the calibration batches, in one pass (eval mode)."""
+    if not calibration:
+        raise ValueError("calibration data is empty: pass calibration=data.calibration_batches(...)")
+    was_training = model.training
+    model.eval()  # no dropout while measuring
+    try:
+        with hooks.capture_mlp_activations(model, gram=gram) as tap:
+            tap.run(model, calibration)
+    finally:
+        model.train(was_training)
+    return tap.stats
+
+
+def score_model(model: nn.Module, method: str, calibration: list[dict] | None = None,
+                stats: dict[int, TokenStats] | None = None) -> dict[int, torch.Tensor]:
+    """Scores of every layer's MLP neurons; data-aware methods use ``stats`` or collect them from ``calibration``."""
     arch.get_spec(model)
-    check_calibration(method, calibration)
-    stats: dict[int, TokenStats] = {}
-    if METHODS[method].needs_data:
-        was_training = model.training
-        model.eval()  # no dropout while measuring
-        try:
-            with hooks.capture_mlp_activations(model) as tap:
-                tap.run(model, calibration)
-        finally:
-            model.train(was_training)
-        stats = tap.stats
+    if stats is None:
+        check_calibration(method, calibration)
+        stats = collect_stats(model, calibration) if METHODS[method].needs_data else {}
     return {i: score_layer(model, i, method, stats.get(i)) for i in range(arch.num_layers(model))}

@@ -65,10 +65,13 @@ def kept_width(width: int, ratio: float, multiple_of: int = 1) -> int:
     return min(width, max(rounded, multiple_of))
 
 
-def select_neurons(scores: dict[int, torch.Tensor], ratio: float, protect: Iterable[int] = (),
+def select_neurons(scores: dict[int, torch.Tensor], ratio: float | dict[int, float], protect: Iterable[int] = (),
                    multiple_of: int = 1) -> dict[int, torch.Tensor]:
-    """Sorted indices of the highest-scoring neurons to keep in each layer; protected layers keep all."""
-    ratio = check_ratio(ratio)
+    """Sorted indices of the highest-scoring neurons to keep in each layer; protected layers keep all.
+
+    ``ratio`` is one fraction for every layer, or a dict of per-layer fractions (``allocate_ratios``).
+    """
+    ratios = _per_layer_ratios(ratio, scores)
     multiple_of = _check_multiple_of(multiple_of)
     protect = set(protect)
     unknown = protect - set(scores)
@@ -77,10 +80,132 @@ def select_neurons(scores: dict[int, torch.Tensor], ratio: float, protect: Itera
     keep = {}
     for index, layer_scores in scores.items():
         width = layer_scores.shape[0]
-        n_keep = width if index in protect else kept_width(width, ratio, multiple_of)
+        n_keep = width if index in protect else kept_width(width, ratios[index], multiple_of)
         order = torch.argsort(layer_scores.detach().cpu(), descending=True, stable=True)  # ties: lower index first
         keep[index] = order[:n_keep].sort().values
     return keep
+
+
+def _per_layer_ratios(ratio: float | dict[int, float], layers: Iterable[int]) -> dict[int, float]:
+    """One checked ratio per layer from a single ratio or a {layer: ratio} dict covering every layer."""
+    layers = list(layers)
+    if isinstance(ratio, dict):
+        missing = set(layers) - set(ratio)
+        if missing:
+            raise ValueError(f"per-layer ratios are missing layers {sorted(missing)}")
+        return {i: check_ratio(ratio[i]) for i in layers}
+    ratio = check_ratio(ratio)
+    return {i: ratio for i in layers}
+
+
+def allocate_ratios(sensitivity: torch.Tensor, ratio: float, power: float = 2.0, max_ratio: float = 0.85,
+                    protect: Iterable[int] = ()) -> dict[int, float]:
+    """Per-layer ratios with mean ``ratio`` that spare the sensitive layers.
+
+    Models the damage of removing a fraction r of layer l as s_l * r^power (s_l = measured
+    sensitivity); minimising the total damage at a fixed mean ratio gives r_l proportional to
+    s_l^(-1 / (power - 1)), capped at ``max_ratio``. Protected layers get 0.
+    """
+    ratio = check_ratio(ratio)
+    if power <= 1:
+        raise ValueError(f"power must be > 1 (damage grows faster than linearly); got {power}")
+    protect = set(protect)
+    n = len(sensitivity)
+    free = [i for i in range(n) if i not in protect]
+    if not free or ratio * n > max_ratio * len(free) + 1e-9:
+        raise ValueError(f"cannot remove a mean {ratio:.0%} of neurons with {len(free)} of {n} layers "
+                         f"prunable at most {max_ratio:.0%} each")
+    weight = sensitivity.double().clamp_min(1e-6) ** (-1.0 / (power - 1))
+    weight[list(protect)] = 0.0
+    low, high = 0.0, 1.0 / weight.max().item() * max_ratio * n
+    for _ in range(100):  # bisection on the scale so the mean ratio matches
+        scale = (low + high) / 2
+        if (scale * weight).clamp(max=max_ratio).mean() < ratio:
+            low = scale
+        else:
+            high = scale
+    ratios = (high * weight).clamp(max=max_ratio)
+    return {i: float(r) for i, r in enumerate(ratios)}
+
+
+@torch.no_grad()
+def layer_sensitivity(model: nn.Module, stats: dict[int, hooks.TokenStats], calibration: list[dict],
+                      probe_ratio: float = 0.5, method: str = "wanda_like") -> torch.Tensor:
+    """Loss increase (nats/token on ``calibration``) when each layer alone loses ``probe_ratio`` of its neurons.
+
+    The probe silences the lowest-``method`` neurons with a temporary hook (no copy, no surgery),
+    replacing them by their mean activation; the model is unchanged afterwards.
+    """
+    check_ratio(probe_ratio)
+    if not calibration:
+        raise ValueError("layer_sensitivity needs calibration batches (data.calibration_batches(...))")
+    device = next(model.parameters()).device
+
+    def loss() -> float:
+        total, count = 0.0, 0
+        for batch in calibration:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(**batch).logits[:, :-1].float()  # (batch, seq - 1, vocab)
+            targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+            total += nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum").item()
+            count += int((targets != -100).sum())
+        return total / count
+
+    base = loss()
+    result = torch.zeros(arch.num_layers(model))
+    for index in range(arch.num_layers(model)):
+        scores = importance.score_layer(model, index, method, stats.get(index))
+        n_drop = scores.numel() - kept_width(scores.numel(), probe_ratio)
+        dropped = scores.argsort()[:n_drop].to(device)
+        mean = stats[index].mean.to(device)
+
+        def silence(module, args, dropped=dropped, mean=mean):
+            x = args[0].clone()
+            x[..., dropped] = mean[dropped].to(x.dtype)
+            return (x,)
+
+        handle = arch.mlp_parts(model, index).output.register_forward_pre_hook(silence)
+        try:
+            result[index] = loss() - base
+        finally:
+            handle.remove()
+    return result
+
+
+def obs_keep(model: nn.Module, index: int, stats: hooks.TokenStats, n_keep: int, chunk: int = 32,
+             ridge: float = 1e-3) -> torch.Tensor:
+    """Neurons to keep in one layer by Optimal Brain Surgeon removal of output-projection columns.
+
+    Repeatedly removes the ``chunk`` neurons whose loss of output, ||w_j||^2 / [H^-1]_jj with H the
+    (ridge-damped) second moment of the activations plus a bias column, is smallest, updating the
+    remaining weights and H^-1 exactly after each removal (Hassibi & Stork 1993; structured, as in
+    ZipLM, Kurtic et al. 2023). The kept set pairs with ``refit_output``, which gives the same weights.
+    """
+    parts = arch.mlp_parts(model, index)
+    width = parts.width
+    if stats is None or stats.gram is None or stats.gram.shape != (width, width):
+        raise ValueError(f"OBS selection needs activation statistics with a Gram matrix for layer {index} "
+                         "(hooks.capture_mlp_activations(model, gram=True))")
+    moment, mean = stats.second_moment, (stats.sum / stats.count).double()
+    hessian = torch.empty(width + 1, width + 1, dtype=torch.float64)  # features: (activations, 1)
+    hessian[:width, :width] = moment + ridge * moment.diagonal().mean() * torch.eye(width, dtype=torch.float64)
+    hessian[:width, width] = hessian[width, :width] = mean
+    hessian[width, width] = 1.0
+    inverse = torch.linalg.inv(hessian)
+    out = parts.output
+    bias = out.bias.detach().double() if out.bias is not None else torch.zeros(_linear_layout(out).shape[0],
+                                                                             dtype=torch.float64)
+    weight = torch.cat([_linear_layout(out).double(), bias[:, None].cpu()], dim=1)  # (hidden, width + 1)
+    alive = torch.ones(width, dtype=torch.bool)
+    while int(alive.sum()) > n_keep:
+        candidates = alive.nonzero().squeeze(1)
+        loss = weight[:, candidates].pow(2).sum(0) / inverse.diagonal()[candidates]
+        drop = candidates[loss.topk(min(chunk, candidates.numel() - n_keep), largest=False).indices]
+        block = torch.linalg.inv(inverse[drop][:, drop])  # (q, q)
+        weight -= weight[:, drop] @ block @ inverse[drop, :]
+        inverse -= inverse[:, drop] @ block @ inverse[drop, :]
+        alive[drop] = False
+    return alive.nonzero().squeeze(1)
 
 
 def _check_keep(model: nn.Module, keep_by_layer: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -227,17 +352,58 @@ def remove_mlp_neurons(model: nn.Module, keep_by_layer: dict[int, torch.Tensor],
     return model
 
 
+ALLOCATIONS = ("uniform", "sensitivity")
+SELECTIONS = ("obs",)  # selection strategies usable as ``method`` besides the scores in importance.METHODS
+
+
 def prune_mlp(model: nn.Module, ratio: float, method: str = "max_abs", calibration: list[dict] | None = None,
-              protect: Iterable[int] = (), multiple_of: int = 1) -> PruneReport:
-    """Remove ``ratio`` of the MLP neurons of every unprotected layer, lowest ``method`` scores first (in place)."""
+              protect: Iterable[int] = (), multiple_of: int = 1, allocation: str | dict[int, float] = "uniform",
+              refit: bool = False, power: float = 2.0) -> PruneReport:
+    """Remove MLP neurons in place: ``ratio`` of them on average, lowest ``method`` scores first.
+
+    - ``method``: a score from ``importance.METHODS``, or ``"obs"`` (Optimal Brain Surgeon selection,
+      ``obs_keep``; implies ``refit``).
+    - ``allocation``: ``"uniform"`` (each unprotected layer loses ``ratio``), ``"sensitivity"``
+      (``layer_sensitivity`` measured on the calibration batches, then ``allocate_ratios`` with
+      ``power``; the mean over all layers is ``ratio``), or a {layer: ratio} dict.
+    - ``refit``: least-squares refit of each pruned layer's output projection (``refit_output``).
+    Everything is validated before the model changes; a ``ValueError`` leaves it untouched.
+    """
     arch.get_spec(model)
     ratio = check_ratio(ratio)
-    importance.check_calibration(method, calibration)
+    if method in SELECTIONS:
+        refit = True
+    else:
+        importance.check_calibration(method, calibration)
     protect = tuple(arch.check_layer_index(model, i) for i in protect)
     multiple_of = _check_multiple_of(multiple_of)
+    if isinstance(allocation, dict):
+        _per_layer_ratios(allocation, range(arch.num_layers(model)))
+    elif allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS} or a {{layer: ratio}} dict; got {allocation!r}")
+    needs_gram = refit or allocation == "sensitivity"
+    if needs_gram and not calibration:
+        raise ValueError(f"method={method!r}, refit={refit}, allocation={allocation!r} needs calibration data: "
+                         "pass calibration=data.calibration_batches(...)")
     params_before = count_parameters(model)
-    scores = importance.score_model(model, method, calibration)
-    keep = select_neurons(scores, ratio, protect=protect, multiple_of=multiple_of)
-    remove_mlp_neurons(model, keep)
+    stats = importance.collect_stats(model, calibration, gram=needs_gram) if calibration else {}
+    score_method = "wanda_like" if method in SELECTIONS else method
+    if allocation == "sensitivity":
+        sensitivity = layer_sensitivity(model, stats, calibration[:1], method=score_method)
+        ratios = allocate_ratios(sensitivity, ratio, power=power, protect=protect)
+    elif isinstance(allocation, dict):
+        ratios = dict(allocation)
+    else:
+        ratios = {i: (0.0 if i in protect else ratio) for i in range(arch.num_layers(model))}
+    if method in SELECTIONS:
+        keep = {}
+        for i in range(arch.num_layers(model)):
+            width = arch.mlp_parts(model, i).width
+            n_keep = width if i in protect else kept_width(width, ratios[i], multiple_of)
+            keep[i] = obs_keep(model, i, stats[i], n_keep) if n_keep < width else torch.arange(width)
+    else:
+        scores = importance.score_model(model, method, stats=stats)
+        keep = select_neurons(scores, ratios, protect=protect, multiple_of=multiple_of)
+    remove_mlp_neurons(model, keep, refit=stats if refit else None)
     return PruneReport(method=method, ratio=ratio, params_before=params_before, params_after=count_parameters(model),
                        kept_width={i: int(k.numel()) for i, k in keep.items()})

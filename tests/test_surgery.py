@@ -255,3 +255,94 @@ def test_refit_without_gram_changes_nothing():
     with pytest.raises(ValueError, match="Gram matrix for layer 0"):
         surgery.remove_mlp_neurons(model, {0: torch.arange(10)}, refit={})
     assert_unchanged(model, before)
+
+
+def test_allocate_ratios_spares_sensitive_layers():
+    sensitivity = torch.tensor([8.0, 1.0, 0.5, 2.0])
+    ratios = surgery.allocate_ratios(sensitivity, 0.3, power=2.0)
+    assert sum(ratios.values()) / 4 == pytest.approx(0.3, abs=1e-6)
+    assert ratios[0] < ratios[3] < ratios[1] < ratios[2]  # less sensitive -> pruned harder
+    assert ratios[2] / ratios[1] == pytest.approx(2.0, rel=1e-4)  # r ~ 1/s for power 2
+    protected = surgery.allocate_ratios(sensitivity, 0.3, protect=[0])
+    assert protected[0] == 0.0 and sum(protected.values()) / 4 == pytest.approx(0.3, abs=1e-6)
+    assert max(surgery.allocate_ratios(sensitivity, 0.6, max_ratio=0.8).values()) <= 0.8 + 1e-9
+    with pytest.raises(ValueError, match="cannot remove a mean"):
+        surgery.allocate_ratios(sensitivity, 0.9, max_ratio=0.85)
+    with pytest.raises(ValueError, match="power must be > 1"):
+        surgery.allocate_ratios(sensitivity, 0.3, power=1.0)
+
+
+def test_layer_sensitivity_probe_leaves_the_model_alone():
+    from course_utils import hooks, importance
+
+    model = tiny_model("llama")
+    before = snapshot(model)
+    stats = importance.collect_stats(model, calibration())
+    sensitivity = surgery.layer_sensitivity(model, stats, calibration(), probe_ratio=0.5)
+    assert sensitivity.shape == (2,) and torch.isfinite(sensitivity).all()
+    assert (sensitivity != 0).all()  # silencing half the neurons changes the loss
+    assert hooks.count_hooks(model) == 0
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_obs_selection_beats_magnitude_selection_after_refit(family):
+    """OBS picks a set whose least-squares refit reproduces the MLP output better than a score-based set."""
+    from course_utils import importance
+
+    model = tiny_model(family)
+    stats, _ = _stats_with_gram(model)
+    width = arch.mlp_parts(model, 0).width
+    out = arch.mlp_parts(model, 0).output
+    weight = out.weight.detach() if isinstance(out, nn.Linear) else out.weight.detach().T
+    bias = out.bias.detach() if out.bias is not None else None
+    moment, mean = stats[0].second_moment, (stats[0].sum / stats[0].count).double()
+
+    def output_error(keep):
+        new_weight, new_bias = surgery.refit_output(weight, bias, stats[0], keep)
+        full = torch.cat([weight.double(), (bias if bias is not None else torch.zeros(weight.shape[0]))
+                          .double()[:, None]], 1)  # (hidden, width + 1)
+        reduced = torch.zeros_like(full)
+        reduced[:, keep] = new_weight.double()
+        reduced[:, width] = new_bias.double()
+        diff = full - reduced
+        second = torch.ones(width + 1, width + 1, dtype=torch.float64)  # E[x x^T], x = (a, 1)
+        second[:width, :width], second[:width, width], second[width, :width] = moment, mean, mean
+        return torch.einsum("hi,ij,hj->", diff, second, diff).item()
+
+    n_keep = width // 2
+    obs = surgery.obs_keep(model, 0, stats[0], n_keep, chunk=4)
+    assert obs.numel() == n_keep and obs.unique().numel() == n_keep
+    scored = importance.score_layer(model, 0, "wanda_like", stats[0]).topk(n_keep).indices.sort().values
+    assert output_error(obs) < output_error(scored)
+
+
+def test_prune_mlp_obs_with_sensitivity_allocation_reloads(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    from course_utils import models
+
+    model = tiny_model("llama")
+    batches = _stats_with_gram(model)[1]
+    report = surgery.prune_mlp(model, 0.25, method="obs", calibration=batches, allocation="sensitivity")
+    assert report.params_after < report.params_before
+    widths = list(report.kept_width.values())
+    assert sum(64 - w for w in widths) == pytest.approx(0.25 * 128, abs=2) and len(set(widths)) == 2
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel({"<unk>": 0}, "<unk>")),
+                                        unk_token="<unk>")
+    path = models.save_pruned(model, tokenizer, tmp_path / "obs")
+    reloaded, _ = models.load_pruned(path)
+    torch.testing.assert_close(logits(reloaded), logits(model), rtol=0, atol=0)
+
+
+def test_prune_mlp_refit_needs_calibration():
+    model = tiny_model("llama")
+    before = snapshot(model)
+    for kwargs in (dict(method="obs"), dict(method="l2", refit=True), dict(method="l2", allocation="sensitivity")):
+        with pytest.raises(ValueError, match="needs calibration data"):
+            surgery.prune_mlp(model, 0.2, **kwargs)
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        surgery.prune_mlp(model, 0.2, method="l2", allocation="greedy")
+    assert_unchanged(model, before)
