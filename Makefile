@@ -35,6 +35,7 @@ notebooks: venv
 
 benchmarks: venv
 	$(BIN)/python benchmarks/base_models.py
+	$(BIN)/python benchmarks/width.py
 
 report: venv
 	$(BIN)/python benchmarks/report.py

@@ -358,7 +358,8 @@ SELECTIONS = ("obs",)  # selection strategies usable as ``method`` besides the s
 
 def prune_mlp(model: nn.Module, ratio: float, method: str = "max_abs", calibration: list[dict] | None = None,
               protect: Iterable[int] = (), multiple_of: int = 1, allocation: str | dict[int, float] = "uniform",
-              refit: bool = False, power: float = 2.0) -> PruneReport:
+              refit: bool = False, power: float = 2.0,
+              stats: dict[int, hooks.TokenStats] | None = None) -> PruneReport:
     """Remove MLP neurons in place: ``ratio`` of them on average, lowest ``method`` scores first.
 
     - ``method``: a score from ``importance.METHODS``, or ``"obs"`` (Optimal Brain Surgeon selection,
@@ -367,13 +368,15 @@ def prune_mlp(model: nn.Module, ratio: float, method: str = "max_abs", calibrati
       (``layer_sensitivity`` measured on the calibration batches, then ``allocate_ratios`` with
       ``power``; the mean over all layers is ``ratio``), or a {layer: ratio} dict.
     - ``refit``: least-squares refit of each pruned layer's output projection (``refit_output``).
+    - ``stats``: activation statistics already collected on this model (``importance.collect_stats``,
+      with ``gram=True`` for refit/OBS/sensitivity) to skip the calibration pass.
     Everything is validated before the model changes; a ``ValueError`` leaves it untouched.
     """
     arch.get_spec(model)
     ratio = check_ratio(ratio)
     if method in SELECTIONS:
         refit = True
-    else:
+    elif stats is None:
         importance.check_calibration(method, calibration)
     protect = tuple(arch.check_layer_index(model, i) for i in protect)
     multiple_of = _check_multiple_of(multiple_of)
@@ -382,11 +385,15 @@ def prune_mlp(model: nn.Module, ratio: float, method: str = "max_abs", calibrati
     elif allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS} or a {{layer: ratio}} dict; got {allocation!r}")
     needs_gram = refit or allocation == "sensitivity"
-    if needs_gram and not calibration:
+    if needs_gram and not calibration and (stats is None or allocation == "sensitivity"):
         raise ValueError(f"method={method!r}, refit={refit}, allocation={allocation!r} needs calibration data: "
                          "pass calibration=data.calibration_batches(...)")
     params_before = count_parameters(model)
-    stats = importance.collect_stats(model, calibration, gram=needs_gram) if calibration else {}
+    if stats is not None:
+        if needs_gram:
+            _check_refit(model, {i: None for i in range(arch.num_layers(model))}, stats)
+    else:
+        stats = importance.collect_stats(model, calibration, gram=needs_gram) if calibration else {}
     score_method = "wanda_like" if method in SELECTIONS else method
     if allocation == "sensitivity":
         sensitivity = layer_sensitivity(model, stats, calibration[:1], method=score_method)
