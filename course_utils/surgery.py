@@ -115,10 +115,12 @@ def allocate_ratios(sensitivity: torch.Tensor, ratio: float, power: float = 2.0,
     if not free or ratio * n > max_ratio * len(free) + 1e-9:
         raise ValueError(f"cannot remove a mean {ratio:.0%} of neurons with {len(free)} of {n} layers "
                          f"prunable at most {max_ratio:.0%} each")
-    weight = sensitivity.double().clamp_min(1e-6) ** (-1.0 / (power - 1))
+    sensitivity = sensitivity.double()
+    floor = 0.05 * sensitivity.clamp_min(0).median().clamp_min(1e-12)  # a probe reading ~0 is noise, not "free"
+    weight = sensitivity.clamp_min(floor) ** (-1.0 / (power - 1))
     weight[list(protect)] = 0.0
-    low, high = 0.0, 1.0 / weight.max().item() * max_ratio * n
-    for _ in range(100):  # bisection on the scale so the mean ratio matches
+    low, high = 0.0, max_ratio / weight[weight > 0].min().item()  # at ``high`` every free layer is at the cap
+    for _ in range(200):  # bisection on the scale so the mean ratio matches
         scale = (low + high) / 2
         if (scale * weight).clamp(max=max_ratio).mean() < ratio:
             low = scale
@@ -266,25 +268,30 @@ def _update_config(model: nn.Module) -> None:
 
 
 def refit_output(weight: torch.Tensor, bias: torch.Tensor | None, stats: hooks.TokenStats, keep: torch.Tensor,
-                 ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+                 ridge: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares refit of an MLP's output projection after keeping only the ``keep`` neurons.
 
-    Solves min over (W', c) of E|| W a + b - (W' a_keep + c) ||^2 over the calibration tokens, in closed
-    form from the second moments E[a a^T] and E[a]: the kept neurons absorb what the removed ones used to
-    write, and the bias ``c`` absorbs their mean (FLAP's bias compensation is the special case W' = W_keep).
+    Minimises E|| W a + b - (W' a_keep + c) ||^2 + ridge * s * ||W' - W_keep||^2 over the calibration
+    tokens (s = mean of E[a_i^2], so ``ridge`` is scale-free), in closed form from the second moments
+    E[a a^T] and E[a]: the kept neurons absorb what the removed ones used to write, and the bias ``c``
+    absorbs their mean (FLAP's bias compensation is the special case W' = W_keep). The ridge term pulls
+    W' towards the plain slice, so a large ``ridge`` means "no refit" and a small one trusts the data.
     ``weight`` is (hidden, width) (``nn.Linear`` layout); returns W' (hidden, k) and c (hidden,), float32.
-    A small ridge (``ridge`` x mean diagonal) keeps the solve well conditioned.
     """
     moment, mean = stats.second_moment, (stats.sum / stats.count).double()  # (width, width), (width,)
     k = keep.numel()
+    weight = weight.double().cpu()
     lhs = torch.empty(k + 1, k + 1, dtype=torch.float64)  # E[x x^T] with x = (a_keep, 1)
     lhs[:k, :k] = moment[keep][:, keep]
     lhs[:k, k] = lhs[k, :k] = mean[keep]
     lhs[k, k] = 1.0
-    lhs[:k, :k] += ridge * lhs.diagonal()[:k].mean() * torch.eye(k, dtype=torch.float64)
+    damping = ridge * lhs.diagonal()[:k].mean()
+    lhs[:k, :k] += damping * torch.eye(k, dtype=torch.float64)
     cross = torch.cat([moment[:, keep], mean[:, None]], dim=1)  # E[a x^T]: (width, k + 1)
-    solution = torch.linalg.solve(lhs, (weight.double() @ cross).T)  # (k + 1, hidden)
-    new_bias = solution[k] + (bias.double() if bias is not None else 0.0)
+    rhs = (weight @ cross).T  # (k + 1, hidden)
+    rhs[:k] += damping * weight[:, keep].T  # prior: the kept columns as they were
+    solution = torch.linalg.solve(lhs, rhs)  # (k + 1, hidden)
+    new_bias = solution[k] + (bias.double().cpu() if bias is not None else 0.0)
     return solution[:k].T.float(), new_bias.float()
 
 

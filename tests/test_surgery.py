@@ -268,6 +268,10 @@ def test_allocate_ratios_spares_sensitive_layers():
     assert max(surgery.allocate_ratios(sensitivity, 0.6, max_ratio=0.8).values()) <= 0.8 + 1e-9
     with pytest.raises(ValueError, match="cannot remove a mean"):
         surgery.allocate_ratios(sensitivity, 0.9, max_ratio=0.85)
+    # a probe reading of ~0 (or below) must not swallow the whole budget; the mean is still met
+    spiky = surgery.allocate_ratios(torch.tensor([0.6, -0.001, 0.03, 0.05, 0.02, 0.1]), 0.2)
+    assert sum(spiky.values()) / 6 == pytest.approx(0.2, abs=1e-6)
+    assert spiky[1] == pytest.approx(0.85) and spiky[0] < spiky[3] < spiky[2]
     with pytest.raises(ValueError, match="power must be > 1"):
         surgery.allocate_ratios(sensitivity, 0.3, power=1.0)
 
