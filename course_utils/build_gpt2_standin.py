@@ -14,7 +14,10 @@ Recipe (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"):
 4. weights are saved in fp16 with a model card stating the held-out perplexity reached.
 
 Run: ``python -m course_utils.build_gpt2_standin [--out data/gpt2_standin] [--epochs 3]``.
-Deterministic for a given seed and machine; reproducible on CPU (about 45 minutes on 2 cores).
+Deterministic for a given seed and machine; reproducible on CPU. Measured on a 2-core CPU shared with
+other jobs: the teacher pass over the 396,288 calibration tokens took ~45 min and one epoch of student
+training ~34 min; after one epoch the student reached held-out PPL 635 (last-word accuracy 0.012),
+far from the target of < 100, so build with more epochs (a GPU makes this minutes).
 """
 
 from __future__ import annotations
