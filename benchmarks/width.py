@@ -76,7 +76,8 @@ def main() -> None:
             rows.append(measure(model, name, ratio, seconds))
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        surgery.prune_mlp(model, ratio, method="obs", stats=stats, allocation=surgery.allocate_ratios(sensitivity, ratio))
+        allocation = surgery.allocate_ratios(sensitivity, ratio)
+        surgery.prune_mlp(model, ratio, method="obs", stats=stats, allocation=allocation)
         rows.append(measure(model, COURSE, ratio, time.perf_counter() - start + stats_s + sensitivity_s, speed=True))
         model = copy.deepcopy(base)  # OptiPFair prunes in place: its own copy
         start = time.perf_counter()
