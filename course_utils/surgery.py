@@ -42,8 +42,10 @@ class PruneReport:
 
     def __str__(self) -> str:
         removed = 1 - self.params_after / self.params_before
+        widths = set(self.kept_width.values())
+        shown = f"width {widths.pop()} in every layer" if len(widths) == 1 else f"widths {self.kept_width}"
         return (f"prune_mlp({self.method}, ratio={self.ratio}): {self.params_before / 1e6:.2f} M -> "
-                f"{self.params_after / 1e6:.2f} M parameters (-{100 * removed:.1f} %); widths {self.kept_width}")
+                f"{self.params_after / 1e6:.2f} M parameters (-{100 * removed:.1f} %); {shown}")
 
 
 def check_ratio(ratio: float) -> float:
