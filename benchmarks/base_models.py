@@ -25,14 +25,7 @@ def main() -> None:
             model, tokenizer = models.load_model(role, profile)
         placeholder = any("placeholder" in str(w.message) for w in caught)
         name = f"{role}: {profile.model_id(role)}" + (" (placeholder, random weights)" if placeholder else "")
-        row = evaluation.EvalRow(
-            name=name,
-            params=models.count_parameters(model),
-            ppl=evaluation.perplexity(model, tokenizer, texts, window=512),
-            lastword_acc=evaluation.last_word_accuracy(model, tokenizer, items),
-        )
-        timing = evaluation.latency(model, tokenizer)
-        row.prefill_ms, row.decode_tok_s = timing.prefill_ms, timing.decode_tok_s
+        row = evaluation.evaluate_model(model, tokenizer, name, profile, texts=texts, max_tokens=None, n_items=0)
         rows.append(row)
         if placeholder:
             notes.append(f"- The offline GPT-2 role has no trained weights yet (`{name}`): its row only shows "

@@ -292,8 +292,12 @@ class EvalRow:
 
 
 def evaluate_model(model: nn.Module, tokenizer, name: str, profile: Profile | str | None = None,
-                   texts: list[str] | None = None, speed: bool = True, window: int = 512) -> EvalRow:
-    """Parameters, held-out PPL and last-word accuracy on the profile's budget, and optionally speed."""
+                   texts: list[str] | None = None, speed: bool = True, window: int = 512,
+                   max_tokens: int | None = -1, n_items: int | None = None) -> EvalRow:
+    """Parameters, held-out PPL and last-word accuracy, and optionally speed.
+
+    Budgets default to the profile's; ``max_tokens=None`` and ``n_items=0`` use the whole split.
+    """
     from .models import count_parameters
 
     profile = get_profile(profile)
@@ -301,8 +305,9 @@ def evaluate_model(model: nn.Module, tokenizer, name: str, profile: Profile | st
     row = EvalRow(
         name=name,
         params=count_parameters(model),
-        ppl=perplexity(model, tokenizer, texts, window=window, max_tokens=profile.eval_tokens),
-        lastword_acc=last_word_accuracy(model, tokenizer, lastword_items(profile)),
+        ppl=perplexity(model, tokenizer, texts, window=window,
+                       max_tokens=profile.eval_tokens if max_tokens == -1 else max_tokens),
+        lastword_acc=last_word_accuracy(model, tokenizer, lastword_items(profile, n_items=n_items)),
     )
     if speed:
         timing = latency(model, tokenizer)

@@ -33,11 +33,6 @@ def select_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x[mask.to(x.device).bool()]
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over real tokens of a (batch, seq, dim) tensor -> (dim,)."""
-    return select_tokens(x, mask).float().mean(0)
-
-
 @dataclass
 class TokenStats:
     """Running per-feature statistics over real tokens (features = last dimension)."""

@@ -98,3 +98,17 @@ def test_markdown_table_ratios():
     assert "| pruned | 80.0 | 25.00 | 0.400 | 8.0 | 25.0 | 0.80x | 1.25x | 1.25x |" in table
     with pytest.raises(ValueError, match="base row 'nope'"):
         evaluation.markdown_table(rows, base="nope")
+
+
+def test_evaluate_model_budgets():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)  # enough positions for character-level last-word items
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100, n_positions=1024)).eval()
+    tok = CharTokenizer()
+    texts = ["abcdefghij" * 20]
+    row = evaluation.evaluate_model(model, tok, "tiny", "offline", texts=texts, speed=False, max_tokens=64,
+                                    n_items=5)
+    assert row.ppl == pytest.approx(evaluation.perplexity(model, tok, texts, max_tokens=64))
+    assert row.params == sum(p.numel() for p in model.parameters()) and row.prefill_ms is None
+    assert 0.0 <= row.lastword_acc <= 1.0
