@@ -180,6 +180,12 @@ class AttentionParts:
     head_dim: int
 
 
+def attention_module(model: nn.Module, index: int) -> nn.Module:
+    """The self-attention module of decoder layer ``index`` (possibly a ``bypass.AttentionBypass``)."""
+    check_layer_index(model, index)
+    return getattr(decoder_layers(model)[index], get_spec(model).attn)
+
+
 def attention_parts(model: nn.Module, index: int) -> AttentionParts:
     """The attention projections of decoder layer ``index`` and its head counts."""
     spec = get_spec(model)

@@ -46,10 +46,11 @@ class StandinConfig:
     n_inner: int = 1024  # MLP width: the classic 4 x n_embd
     seq_len: int = 512  # training window = evaluation window
     top_k: int = 32  # teacher log-probabilities kept per position
-    batch_size: int = 8  # sequences per optimiser step
-    epochs: int = 3
+    batch_size: int = 4  # sequences per optimiser step (more, smaller steps learn faster on 0.4 M tokens)
+    epochs: int = 5
     lr: float = 2e-3
-    warmup_steps: int = 30
+    warmup_steps: int = 50
+    monitor_tokens: int = 4096  # held-out tokens for the per-epoch perplexity printout
     kd_weight: float = 0.5  # share of the soft (teacher) loss; the rest is plain cross-entropy
     seed: int = 0
 
@@ -97,7 +98,7 @@ def student_config(cfg: StandinConfig, tokenizer) -> GPT2Config:
     return GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                       n_head=cfg.n_head, n_inner=cfg.n_inner, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 def distillation_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logp: torch.Tensor,
@@ -129,6 +130,7 @@ def build(out: Path, cfg: StandinConfig) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / cfg.warmup_steps)
                                                  * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     generator = torch.Generator().manual_seed(cfg.seed)
+    held_out = data.load_texts("evaluation", profile)
     step, start = 0, time.time()
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(windows), generator=generator)
@@ -147,8 +149,11 @@ def build(out: Path, cfg: StandinConfig) -> dict:
             if step % 20 == 0 or step == total:
                 print(f"  epoch {epoch} step {step}/{total} loss {loss.item():.3f} {time.time() - start:.0f} s",
                       flush=True)
+        student.eval()
+        monitor = evaluation.perplexity(student, tokenizer, held_out, window=cfg.seq_len, max_tokens=cfg.monitor_tokens)
+        print(f"epoch {epoch}: held-out PPL {monitor:.1f} on {cfg.monitor_tokens} tokens", flush=True)
+        student.train()
     student.eval()
-    held_out = data.load_texts("evaluation", profile)
     ppl = evaluation.perplexity(student, tokenizer, held_out, window=cfg.seq_len)
     acc = evaluation.last_word_accuracy(student, tokenizer, evaluation.lastword_items(profile, n_items=0))
     sample = evaluation.generate(student, tokenizer, "The history of the city", max_new_tokens=30)

@@ -78,6 +78,22 @@ def perplexity(model: nn.Module, tokenizer, texts: list[str], window: int = 512,
 _SENTENCE_END = re.compile(r"([A-Za-z]{3,})([.!?])(?=\s|$)")
 
 
+@torch.no_grad()
+def calibration_loss(model: nn.Module, batches: list[dict]) -> float:
+    """Mean next-token cross-entropy (nats/token) over padded batches; padding is never predicted."""
+    if not batches:
+        raise ValueError("no batches given: pass data.calibration_batches(...)")
+    device = _device_of(model)
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(**batch, use_cache=False).logits[:, :-1].float()  # (batch, seq - 1, vocab)
+        targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+        total += F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum").item()
+        count += int((targets != -100).sum())
+    return total / count
+
+
 def build_lastword_items(texts: list[str], min_context_words: int = MIN_CONTEXT_WORDS,
                          max_context_words: int = MAX_CONTEXT_WORDS) -> list[dict]:
     """LAMBADA-style items from paragraphs: {"context", "target"} with the target word seen in the context."""

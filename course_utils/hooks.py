@@ -202,7 +202,7 @@ def capture_attention_outputs(model: nn.Module, layers: Iterable[int] | None = N
     tap = Tap(layers=_resolve_layers(model, layers), keep=keep, fn=fn)
     handles = []
     for index in tap.layers:
-        attention = arch.attention_parts(model, index).module
+        attention = arch.attention_module(model, index)
 
         def hook(module, args, output, index=index):
             tap._record(index, _hidden(output))
@@ -214,3 +214,22 @@ def capture_attention_outputs(model: nn.Module, layers: Iterable[int] | None = N
 def count_hooks(model: nn.Module) -> int:
     """Number of forward hooks and pre-hooks left on any module (tests use it: should be 0)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@contextmanager
+def skip_layers(model: nn.Module, layers: Iterable[int]) -> Iterator[None]:
+    """Make decoder layers pass their input through unchanged (a temporary what-if; they still compute).
+
+    Depth-pruning criteria use it to ask "what if this layer were gone?" without copying the model.
+    """
+    modules = arch.decoder_layers(model)
+    handles = []
+    for index in sorted({arch.check_layer_index(model, i) for i in layers}):
+        def hook(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            if isinstance(output, tuple):
+                return (hidden_in, *output[1:])
+            return hidden_in
+        handles.append(modules[index].register_forward_hook(hook, with_kwargs=True))
+    with _hooks(handles):
+        yield

@@ -1,4 +1,8 @@
-"""How much each MLP neuron matters: one score per intermediate neuron, higher = more important.
+"""How much each part of a model matters: MLP neurons, whole decoder layers, attention sub-layers.
+
+Higher = more important everywhere. The second half of the file scores layers (``block_influence``,
+``angular_distance``, ``removal_loss``: depth pruning) and attention sub-layers
+(``attention_importance``: attention bypass).
 
 A neuron ``j`` of an MLP is one output of the input projection(s) (GPT-2's ``c_fc``, or the Llama
 family's ``gate_proj`` and ``up_proj``) and one input of the output projection (``c_proj`` /
@@ -22,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import arch, hooks
@@ -169,3 +174,118 @@ def score_model(model: nn.Module, method: str, calibration: list[dict] | None = 
         check_calibration(method, calibration)
         stats = collect_stats(model, calibration) if METHODS[method].needs_data else {}
     return {i: score_layer(model, i, method, stats.get(i)) for i in range(arch.num_layers(model))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer scores (depth pruning) and attention-sublayer scores (attention bypass)
+# ---------------------------------------------------------------------------------------------
+
+def _check_batches(calibration: list[dict] | None, what: str) -> None:
+    if not calibration:
+        raise ValueError(f"{what} needs calibration data: pass calibration=data.calibration_batches(...)")
+
+
+@torch.no_grad()
+def block_influence(model: nn.Module, calibration: list[dict], skip: Iterable[int] = ()) -> torch.Tensor:
+    """Per decoder layer: mean over real tokens of 1 - cos(layer input, layer output), shape (n_layers,).
+
+    Block Influence of ShortGPT (Men et al. 2024): a layer whose output points where its input already
+    pointed changes little and is the first candidate for removal. Layers in ``skip`` are treated as
+    already removed (they pass their input through) and score 0.
+    """
+    _check_batches(calibration, "block_influence")
+    n = arch.num_layers(model)
+    total = torch.zeros(n, dtype=torch.float64)
+    count = torch.zeros(n, dtype=torch.float64)
+
+    def accumulate(index: int, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+        cos = F.cosine_similarity(inputs.float(), outputs.float(), dim=-1)  # (n_tokens,)
+        total[index] += (1 - cos).sum().double().cpu()
+        count[index] += cos.numel()
+
+    with hooks.skip_layers(model, skip), hooks.capture_layer_io(model, fn=accumulate) as tap:
+        tap.run(model, calibration)
+    return (total / count.clamp_min(1)).float()
+
+
+@torch.no_grad()
+def angular_distance(model: nn.Module, calibration: list[dict], n_block: int) -> torch.Tensor:
+    """Mean angular distance arccos(cos(h_l, h_{l+n}))/pi between the input of layer l and the output of
+    layer l+n-1, for every start l: shape (n_layers - n_block + 1,).
+
+    Gromov et al. 2024 ("The Unreasonable Ineffectiveness of the Deeper Layers"): the contiguous block
+    of ``n_block`` layers with the smallest distance changes the representation least.
+    """
+    _check_batches(calibration, "angular_distance")
+    n = arch.num_layers(model)
+    if isinstance(n_block, bool) or not isinstance(n_block, int) or not 1 <= n_block < n:
+        raise ValueError(f"n_block must be an int in [1, {n - 1}] for this {n}-layer model; got {n_block!r}")
+    starts = n - n_block + 1
+    total = torch.zeros(starts, dtype=torch.float64)
+    count = 0
+    with hooks.capture_layer_io(model, keep=True) as tap:
+        for batch in calibration:
+            tap.raw.clear()
+            tap.run(model, [batch])
+            ins = [tap.raw[i][0][0] for i in range(n)]  # input of layer i: (n_tokens, hidden)
+            last_out = tap.raw[n - 1][0][1]
+            for start in range(starts):
+                end = ins[start + n_block] if start + n_block < n else last_out
+                cos = F.cosine_similarity(ins[start].float(), end.float(), dim=-1).clamp(-1, 1)
+                total[start] += (torch.arccos(cos) / torch.pi).sum().double()
+            count += ins[0].shape[0]
+    return (total / count).float()
+
+
+@torch.no_grad()
+def removal_loss(model: nn.Module, calibration: list[dict], skip: Iterable[int] = ()) -> torch.Tensor:
+    """The direct criterion: calibration loss increase (nats/token) when each layer alone is removed.
+
+    Shortened LLaMA (Kim et al. 2024) ranks layers by the perplexity they cost; this is its log form.
+    Layers in ``skip`` are treated as already removed; their own entry is 0.
+    """
+    from .evaluation import calibration_loss
+
+    _check_batches(calibration, "removal_loss")
+    skip = set(skip)
+    with hooks.skip_layers(model, skip):
+        base = calibration_loss(model, calibration)
+    result = torch.zeros(arch.num_layers(model))
+    for index in range(arch.num_layers(model)):
+        if index in skip:
+            continue
+        with hooks.skip_layers(model, skip | {index}):
+            result[index] = calibration_loss(model, calibration) - base
+    return result
+
+
+@torch.no_grad()
+def attention_importance(model: nn.Module, calibration: list[dict]) -> torch.Tensor:
+    """Per layer: mean over real tokens of 1 - cos(h, h + attn(norm(h))), shape (n_layers,).
+
+    He et al. 2024 ("What Matters in Transformers? Not All Attention is Needed"): an attention sub-layer
+    that barely turns the residual stream can be bypassed. A bypassed sub-layer adds nothing and scores 0.
+    """
+    _check_batches(calibration, "attention_importance")
+    n = arch.num_layers(model)
+    total = torch.zeros(n, dtype=torch.float64)
+    count = torch.zeros(n, dtype=torch.float64)
+    pending: dict[int, torch.Tensor] = {}
+
+    def on_attention(index: int, added: torch.Tensor) -> None:
+        pending[index] = added  # what attention adds, (n_tokens, hidden); the layer hook fires next
+
+    def on_layer(index: int, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+        h = inputs.float()
+        cos = F.cosine_similarity(h, h + pending.pop(index).float(), dim=-1)  # (n_tokens,)
+        total[index] += (1 - cos).sum().double().cpu()
+        count[index] += cos.numel()
+
+    device = next(model.parameters()).device
+    with hooks.capture_attention_outputs(model, fn=on_attention) as attn_tap, \
+            hooks.capture_layer_io(model, fn=on_layer) as layer_tap:
+        for batch in calibration:
+            attn_tap.set_mask(batch.get("attention_mask"))
+            layer_tap.set_mask(batch.get("attention_mask"))
+            model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+    return (total / count.clamp_min(1)).float()

@@ -249,11 +249,11 @@ def describe(model: nn.Module) -> Anatomy:
 
 
 # Config keys that record structure a stock config cannot express; ``load_pruned`` rebuilds it.
-CUSTOM_STRUCTURE_KEYS = ("intermediate_sizes",)
+CUSTOM_STRUCTURE_KEYS = ("intermediate_sizes", "bypassed_attention")
 
 
 def needs_custom_loader(config) -> bool:
-    """True when a saved model's structure needs ``load_pruned`` (e.g. per-layer MLP widths)."""
+    """True when a saved model's structure needs ``load_pruned`` (per-layer MLP widths, bypassed attention)."""
     return any(getattr(config, key, None) for key in CUSTOM_STRUCTURE_KEYS)
 
 
@@ -267,7 +267,8 @@ def save_pruned(model: nn.Module, tokenizer, path: str | Path, card: dict | None
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     custom = needs_custom_loader(model.config)
-    how = ("`course_utils.models.load_pruned(path)`: the structure (per-layer widths) is stored in config.json "
+    how = ("`course_utils.models.load_pruned(path)`: the structure (per-layer widths or bypassed attention "
+           "sub-layers) is stored in config.json "
            "under keys a stock config does not know, so plain `AutoModelForCausalLM.from_pretrained` cannot "
            "build it." if custom else
            "plain `transformers.AutoModelForCausalLM.from_pretrained(path)` (no custom code); "
@@ -292,11 +293,13 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None,
     if not needs_custom_loader(config):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
         return model.to(device).eval(), tokenizer
-    from . import surgery
+    from . import bypass, surgery
 
-    widths = list(config.intermediate_sizes)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    surgery.remove_mlp_neurons(model, {i: torch.arange(w) for i, w in enumerate(widths)})
+    if getattr(config, "intermediate_sizes", None):
+        surgery.remove_mlp_neurons(model, {i: torch.arange(w) for i, w in enumerate(config.intermediate_sizes)})
+    if getattr(config, "bypassed_attention", None):
+        bypass.bypass_attention(model, config.bypassed_attention)
     state = {}
     for file in sorted(path.glob("*.safetensors")):
         state.update(load_file(file))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import arch, hooks, importance
+from . import arch, evaluation, hooks, importance
 from .models import count_parameters
 
 
@@ -146,14 +146,7 @@ def layer_sensitivity(model: nn.Module, stats: dict[int, hooks.TokenStats], cali
     device = next(model.parameters()).device
 
     def loss() -> float:
-        total, count = 0.0, 0
-        for batch in calibration:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(**batch).logits[:, :-1].float()  # (batch, seq - 1, vocab)
-            targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-            total += nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum").item()
-            count += int((targets != -100).sum())
-        return total / count
+        return evaluation.calibration_loss(model, calibration)
 
     base = loss()
     result = torch.zeros(arch.num_layers(model))
@@ -423,3 +416,63 @@ def prune_mlp(model: nn.Module, ratio: float, method: str = "max_abs", calibrati
     remove_mlp_neurons(model, keep, refit=stats if refit else None)
     return PruneReport(method=method, ratio=ratio, params_before=params_before, params_after=count_parameters(model),
                        kept_width={i: int(k.numel()) for i, k in keep.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Depth pruning: removing whole decoder layers
+# ---------------------------------------------------------------------------------------------
+
+def check_layer_set(model: nn.Module, indices: Iterable[int], what: str = "layers to remove",
+                    allow_all: bool = False) -> list[int]:
+    """Validate a set of layer indices (ints in range, no duplicates, not every layer); return them sorted."""
+    indices = list(indices)
+    for i in indices:
+        arch.check_layer_index(model, i)
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"{what} contain duplicates: {sorted(indices)}; name each layer once")
+    n = arch.num_layers(model)
+    if not allow_all and len(indices) >= n:
+        raise ValueError(f"cannot remove all {n} layers ({what}: {sorted(indices)}); keep at least one")
+    return sorted(indices)
+
+
+def sync_structure_config(model: nn.Module) -> None:
+    """Write what the modules now look like into the config (layer count, MLP widths, bypassed attention)."""
+    from . import bypass
+
+    spec = arch.get_spec(model)
+    setattr(model.config, spec.n_layers_key, arch.num_layers(model))
+    _update_config(model)
+    bypassed = bypass.bypassed_layers(model)
+    if bypassed:
+        model.config.bypassed_attention = bypassed  # from_pretrained ignores this: needs load_pruned
+    elif hasattr(model.config, "bypassed_attention"):
+        del model.config.bypassed_attention
+
+
+def drop_layers(model: nn.Module, indices: Iterable[int]) -> nn.Module:
+    """Remove decoder layers ``indices`` in place; renumber the rest so the KV cache stays consistent.
+
+    Updates the layer count and every per-layer config list (e.g. ``layer_types``); a model saved
+    afterwards reloads with plain ``from_pretrained`` (unless other surgery needs ``load_pruned``).
+    Bad indices (out of range, duplicates, every layer) raise ``ValueError`` and leave the model as it was.
+    """
+    spec = arch.get_spec(model)
+    drop = set(check_layer_set(model, indices))
+    if spec is arch.GPT2 and getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
+        raise ValueError("this GPT-2 scales attention by 1/(layer_idx + 1): renumbered layers would compute "
+                         "differently after reload; depth pruning is not supported for it")
+    layers = arch.decoder_layers(model)
+    kept = [layer for i, layer in enumerate(layers) if i not in drop]
+    for key in spec.per_layer_keys:
+        values = getattr(model.config, key, None)
+        if isinstance(values, (list, tuple)) and len(values) == len(layers):
+            setattr(model.config, key, [v for i, v in enumerate(values) if i not in drop])
+    parent_path, _, name = spec.layers.rpartition(".")
+    setattr(arch.get_module(model, parent_path), name, nn.ModuleList(kept))
+    for new_index, layer in enumerate(kept):
+        attention = getattr(layer, spec.attn)
+        if hasattr(attention, "layer_idx"):
+            attention.layer_idx = new_index  # the KV cache is indexed by this
+    sync_structure_config(model)
+    return model

@@ -52,3 +52,13 @@ def padded_batch(seed: int = 0, batch: int = 3, seq: int = 10, vocab: int = 100)
         mask[row, seq - 2 * row:] = 0
         ids[row, seq - 2 * row:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def word_tokenizer():
+    """A one-word fast tokenizer: enough for save_pruned / load_pruned round trips of tiny models."""
+    from tokenizers import Tokenizer
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel({"<unk>": 0}, "<unk>")),
+                                   unk_token="<unk>")

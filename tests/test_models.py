@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_gpt2, tiny_llama
+from conftest import tiny_gpt2, tiny_llama, word_tokenizer
 
 from course_utils import data, evaluation, models
 
@@ -126,16 +126,13 @@ def test_generation_reads_as_text(smollm2):
 @pytest.mark.parametrize("protect", [(), (0,)])
 def test_save_pruned_reloads_with_identical_logits(tmp_path, family, protect):
     import torch
-    from tokenizers import Tokenizer
-    from tokenizers import models as tok_models
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
     from course_utils import surgery
 
     model = tiny_gpt2() if family == "gpt2" else tiny_llama()
     surgery.prune_mlp(model, 0.5, method="l2", protect=protect)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel({"<unk>": 0}, "<unk>")),
-                                        unk_token="<unk>")
+    tokenizer = word_tokenizer()
     path = models.save_pruned(model, tokenizer, tmp_path / "pruned", card={"method": "l2", "ratio": 0.5})
     ids = torch.randint(0, 100, (2, 12))
     reloaded, _ = models.load_pruned(path)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import word_tokenizer
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -322,10 +323,6 @@ def test_obs_selection_beats_magnitude_selection_after_refit(family):
 
 
 def test_prune_mlp_obs_with_sensitivity_allocation_reloads(tmp_path):
-    from tokenizers import Tokenizer
-    from tokenizers import models as tok_models
-    from transformers import PreTrainedTokenizerFast
-
     from course_utils import models
 
     model = tiny_model("llama")
@@ -334,8 +331,7 @@ def test_prune_mlp_obs_with_sensitivity_allocation_reloads(tmp_path):
     assert report.params_after < report.params_before
     widths = list(report.kept_width.values())
     assert sum(64 - w for w in widths) == pytest.approx(0.25 * 128, abs=2) and len(set(widths)) == 2
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel({"<unk>": 0}, "<unk>")),
-                                        unk_token="<unk>")
+    tokenizer = word_tokenizer()
     path = models.save_pruned(model, tokenizer, tmp_path / "obs")
     reloaded, _ = models.load_pruned(path)
     torch.testing.assert_close(logits(reloaded), logits(model), rtol=0, atol=0)

@@ -1,0 +1,204 @@
+"""Attention bypass (static and adaptive) on tiny random GPT-2 and Llama models."""
+
+import pytest
+import torch
+from conftest import padded_batch, tiny_llama, word_tokenizer
+from torch import nn
+
+from course_utils import arch, bypass, hooks, importance, models
+
+IDS = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(5))
+FAMILIES = ["gpt2", "llama"]
+
+
+def model_for(family: str, n_layers: int = 3) -> nn.Module:
+    if family == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        config = GPT2Config(n_layer=n_layers, n_embd=32, n_head=2, vocab_size=100, n_positions=64)
+        return GPT2LMHeadModel(config).eval()
+    return tiny_llama(num_hidden_layers=n_layers)
+
+
+@torch.no_grad()
+def logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    return model(ids).logits
+
+
+@torch.no_grad()
+def zero_attention_output(model: nn.Module, index: int) -> None:
+    o = arch.attention_parts(model, index).o
+    o.weight.zero_()
+    if getattr(o, "bias", None) is not None:
+        o.bias.zero_()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bypassed_sublayer_passes_the_residual_stream_unchanged(family):
+    model = model_for(family)
+    reference = model_for(family)
+    zero_attention_output(reference, 1)  # attention that adds exactly nothing
+    bypass.bypass_attention(model, [1])
+    torch.testing.assert_close(logits(model), logits(reference), atol=1e-5, rtol=1e-5)
+    assert model.config.bypassed_attention == [1]
+    assert bypass.bypassed_layers(model) == [1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bypass_drops_the_attention_weights(family):
+    model = model_for(family)
+    before = models.count_parameters(model)
+    attention = models.count_parameters(arch.attention_parts(model, 0).module)
+    norm = models.count_parameters(getattr(arch.decoder_layers(model)[0], arch.get_spec(model).norms[0]))
+    bypass.bypass_attention(model, [0])
+    assert models.count_parameters(model) == before - attention - norm
+    assert not any(".0." + arch.get_spec(model).attn + "." in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("layers", [[0], [1], [0, 2]])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_with_cache_equals_without_cache(family, layers):
+    model = model_for(family)
+    bypass.bypass_attention(model, layers)
+    prompt = IDS[:1]
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(prompt, use_cache=True, **kwargs)
+    assert torch.equal(with_cache, model.generate(prompt, use_cache=False, **kwargs))
+
+
+def test_bypassed_layers_keep_no_keys_or_values():
+    from transformers import DynamicCache
+
+    model = tiny_llama(num_hidden_layers=3)
+    bypass.bypass_attention(model, [0])
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(IDS[:1], past_key_values=cache, use_cache=True)
+    assert cache.layers[0].keys.shape == (1, 1, IDS.shape[1], 1)  # the position counter only
+    assert cache.layers[1].keys.shape == (1, 2, IDS.shape[1], 8)  # real keys: 2 KV heads of 8 dims
+    assert cache.get_seq_length() == IDS.shape[1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_and_load_pruned_round_trip(family, tmp_path):
+    model = model_for(family)
+    bypass.bypass_attention(model, [0, 2])
+    path = models.save_pruned(model, word_tokenizer(), tmp_path / "bypassed")
+    assert models.needs_custom_loader(model.config)
+    assert "load_pruned" in (path / "README.md").read_text()
+    reloaded, _ = models.load_pruned(path)
+    assert bypass.bypassed_layers(reloaded) == [0, 2]
+    torch.testing.assert_close(logits(reloaded), logits(model), rtol=0, atol=0)
+    full = model_for(family)
+    full.save_pretrained(tmp_path / "full")
+    assert (path / "model.safetensors").stat().st_size < (tmp_path / "full" / "model.safetensors").stat().st_size
+
+
+def test_bypass_then_drop_layers_keeps_the_record_in_step(tmp_path):
+    from course_utils import surgery
+
+    model = tiny_llama(num_hidden_layers=4)
+    bypass.bypass_attention(model, [1, 3])
+    surgery.drop_layers(model, [0])
+    assert model.config.bypassed_attention == [0, 2]
+    reloaded, _ = models.load_pruned(models.save_pruned(model, word_tokenizer(), tmp_path))
+    torch.testing.assert_close(logits(reloaded), logits(model), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layers, message", [([3], "layer index"), ([0, 0], "duplicates"), ([-1], "layer index")])
+def test_bad_bypass_input_leaves_the_model_intact(layers, message):
+    model = tiny_llama(num_hidden_layers=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        bypass.bypass_attention(model, layers)
+    assert bypass.bypassed_layers(model) == [] and model.state_dict().keys() == before.keys()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_importance_is_zero_for_silent_and_bypassed_sublayers(family):
+    model = model_for(family)
+    zero_attention_output(model, 0)
+    scores = importance.attention_importance(model, [padded_batch()])
+    assert scores[0] < 1e-6 and (scores[1:] > 1e-4).all()
+    bypass.bypass_attention(model, [2])
+    assert importance.attention_importance(model, [padded_batch()])[2] < 1e-6
+    assert hooks.count_hooks(model) == 0
+
+
+def test_choose_bypass_picks_the_silent_sublayer_first_and_leaves_the_model_alone():
+    model = tiny_llama(num_hidden_layers=4)
+    zero_attention_output(model, 2)
+    before = logits(model)
+    chosen = bypass.choose_bypass(model, [padded_batch()], 2)
+    assert 2 in chosen and len(chosen) == 2
+    assert bypass.choose_bypass(model, [padded_batch()], 1, iterative=False) == [2]
+    assert 2 not in bypass.choose_bypass(model, [padded_batch()], 2, protect=[2])
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+    assert not any(isinstance(m, bypass.AttentionBypass) for m in model.modules())
+    with pytest.raises(ValueError, match="n_layers"):
+        bypass.choose_bypass(model, [padded_batch()], 5)
+    with pytest.raises(ValueError, match="calibration"):
+        bypass.choose_bypass(model, [], 1)
+
+
+def test_skipping_restores_the_model_even_when_the_body_raises():
+    model = tiny_llama(num_hidden_layers=3)
+    before = logits(model)
+    with pytest.raises(RuntimeError), bypass.skipping(model, [0, 1]):
+        assert not torch.allclose(logits(model), before)
+        raise RuntimeError("boom")
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+
+
+# ---- adaptive bypass ---------------------------------------------------------------------------
+
+class CharTokenizer:
+    """Maps characters to ids 1..99: enough to route prompts on a tiny model."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        return {"input_ids": torch.tensor([[1 + ord(c) % 99 for c in text]])}
+
+
+PROMPTS = ["a b", "aaaa", "abc abc", "hello", "zz top", "the cat sat on the mat",
+           "a much longer prompt about many different things, with punctuation!",
+           "Another long and varied prompt: numbers 12345, CAPITALS, and symbols #@%."] * 2
+
+
+def test_router_calibration_round_trips_and_simple_prompts_skip_at_least_as_much(tmp_path):
+    model = tiny_llama(num_hidden_layers=4)
+    router = bypass.AdaptiveBypass.calibrate(model, CharTokenizer(), PROMPTS, order=[3, 1, 2, 0],
+                                             tolerance=10.0, skip_grid=range(0, 5))
+    skips = router.calibration.skip_per_band
+    assert len(skips) == 3 and skips == sorted(skips, reverse=True)
+    path = router.calibration.save(tmp_path / "router.json")
+    loaded = bypass.AdaptiveBypass(model, bypass.RouterCalibration.load(path))
+    short, long = CharTokenizer()("ab")["input_ids"], CharTokenizer()(PROMPTS[7])["input_ids"]
+    assert loaded.plan(short) == router.plan(short)
+    assert len(loaded.plan(short)) >= len(loaded.plan(long))
+
+
+def test_router_generation_equals_static_skipping_of_its_plan():
+    model = tiny_llama(num_hidden_layers=4)
+    router = bypass.AdaptiveBypass.calibrate(model, CharTokenizer(), PROMPTS, order=[3, 1, 2, 0],
+                                             tolerance=10.0, skip_grid=range(0, 5))
+    prompt = CharTokenizer()("ab")["input_ids"]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    routed = router.generate(prompt, **kwargs)
+    with bypass.skipping(model, router.plan(prompt)):
+        static = model.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(routed, static)
+    assert not any(isinstance(m, bypass.AttentionBypass) for m in model.modules())
+
+
+def test_router_bad_input():
+    model = tiny_llama(num_hidden_layers=4)
+    with pytest.raises(ValueError, match="calibration prompts"):
+        bypass.AdaptiveBypass.calibrate(model, CharTokenizer(), PROMPTS[:3], order=[0])
+    with pytest.raises(ValueError, match="order is empty"):
+        bypass.AdaptiveBypass.calibrate(model, CharTokenizer(), PROMPTS, order=[])
+    router = bypass.AdaptiveBypass.calibrate(model, CharTokenizer(), PROMPTS, order=[3], skip_grid=[0, 1])
+    with pytest.raises(ValueError, match="another model"):
+        bypass.AdaptiveBypass(tiny_llama(num_hidden_layers=2), router.calibration)
+    with pytest.raises(ValueError, match="empty prompt"):
+        bypass.prompt_features(model, torch.tensor([], dtype=torch.long))

@@ -1,0 +1,163 @@
+"""Depth pruning on tiny random GPT-2 and Llama models: layer scores (importance.py) and drop_layers (surgery.py)."""
+
+import pytest
+import torch
+from conftest import padded_batch, tiny_gpt2, tiny_llama, word_tokenizer
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from course_utils import arch, hooks, importance, models, surgery
+
+IDS = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(4))
+
+
+def three_layer(family: str) -> nn.Module:
+    return tiny_gpt2() if family == "gpt2" else tiny_llama(num_hidden_layers=3)
+
+
+def deep(family: str, n: int = 4) -> nn.Module:
+    if family == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_layer=n, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).eval()
+    return tiny_llama(num_hidden_layers=n)
+
+
+@torch.no_grad()
+def make_identity(model: nn.Module, index: int) -> None:
+    """Zero what layer ``index`` writes to the residual stream (attention and MLP outputs): it becomes h -> h."""
+    for proj in (arch.attention_parts(model, index).o, arch.mlp_parts(model, index).output):
+        proj.weight.zero_()
+        if getattr(proj, "bias", None) is not None:
+            proj.bias.zero_()
+
+
+@torch.no_grad()
+def logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    return model(ids).logits
+
+
+FAMILIES = ["gpt2", "llama"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropping_an_identity_layer_keeps_the_logits(family):
+    model = deep(family)
+    make_identity(model, 1)
+    before = logits(model)
+    surgery.drop_layers(model, [1])
+    assert arch.num_layers(model) == 3
+    assert getattr(model.config, arch.get_spec(model).n_layers_key) == 3
+    torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_drop_layers_renumbers_the_cache_slots_and_generation_agrees(family):
+    model = deep(family)
+    surgery.drop_layers(model, [0, 2])
+    spec = arch.get_spec(model)
+    assert [getattr(layer, spec.attn).layer_idx for layer in arch.decoder_layers(model)] == [0, 1]
+    prompt = IDS[:1]
+    with_cache = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    without = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_drop_layers_saves_and_reloads_with_plain_transformers(family, tmp_path):
+    model = deep(family)
+    surgery.drop_layers(model, [3])
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert not models.needs_custom_loader(reloaded.config)
+    assert arch.num_layers(reloaded) == 3
+    torch.testing.assert_close(logits(reloaded), logits(model))
+
+
+def test_drop_layers_slices_per_layer_config_lists():
+    model = tiny_llama(num_hidden_layers=4)
+    model.config.layer_types = ["full_attention"] * 4
+    surgery.drop_layers(model, [1])
+    assert model.config.layer_types == ["full_attention"] * 3
+
+
+def test_drop_layers_keeps_per_layer_mlp_widths_in_step(tmp_path):
+    model = tiny_llama(num_hidden_layers=3)
+    surgery.remove_mlp_neurons(model, {0: torch.arange(32), 1: torch.arange(48), 2: torch.arange(64)})
+    surgery.drop_layers(model, [1])
+    assert model.config.intermediate_sizes == [32, 64]
+    before = logits(model)
+    models.save_pruned(model, word_tokenizer(), tmp_path)
+    reloaded, _ = models.load_pruned(tmp_path)
+    torch.testing.assert_close(logits(reloaded), before)
+
+
+@pytest.mark.parametrize("indices, message", [
+    ([5], "layer index"), ([-1], "layer index"), ([1, 1], "duplicates"), ([0, 1, 2, 3], "cannot remove all"),
+    (["1"], "layer index"),
+])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_drop_layers_bad_input_leaves_the_model_intact(family, indices, message):
+    model = deep(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        surgery.drop_layers(model, indices)
+    assert arch.num_layers(model) == 4
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---- layer scores ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_influence_is_zero_for_an_identity_layer(family):
+    model = deep(family)
+    make_identity(model, 2)
+    scores = importance.block_influence(model, [padded_batch()])
+    assert scores.shape == (4,)
+    assert scores[2].abs() < 1e-6
+    assert (scores[[0, 1, 3]] > 1e-4).all()
+    assert hooks.count_hooks(model) == 0
+
+
+def test_block_influence_ignores_padding():
+    model = tiny_llama(num_hidden_layers=3)
+    batch = padded_batch(batch=3, seq=10)
+    rows = []
+    for r in range(3):
+        n = int(batch["attention_mask"][r].sum())
+        rows.append({key: value[r:r + 1, :n] for key, value in batch.items()})
+    torch.testing.assert_close(importance.block_influence(model, [batch]), importance.block_influence(model, rows),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_block_influence_with_skipped_layers_scores_them_zero():
+    model = tiny_llama(num_hidden_layers=3)
+    scores = importance.block_influence(model, [padded_batch()], skip=[1])
+    assert scores[1] < 1e-6 and (scores[[0, 2]] > 1e-3).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removal_loss_is_zero_for_an_identity_layer_and_positive_elsewhere(family):
+    model = deep(family)
+    make_identity(model, 1)
+    increase = importance.removal_loss(model, [padded_batch()])
+    assert increase[1].abs() < 1e-5
+    assert (increase[[0, 2, 3]].abs() > 1e-5).all()
+
+
+def test_angular_distance_of_an_identity_layer_is_zero():
+    model = tiny_llama(num_hidden_layers=4)
+    make_identity(model, 3)
+    one = importance.angular_distance(model, [padded_batch()], n_block=1)
+    assert one.shape == (4,) and one[3] < 1e-3 and (one[:3] > 1e-3).all()
+    assert importance.angular_distance(model, [padded_batch()], n_block=3).shape == (2,)
+    with pytest.raises(ValueError, match="n_block"):
+        importance.angular_distance(model, [padded_batch()], n_block=4)
+
+
+@pytest.mark.parametrize("fn", [importance.block_influence, importance.removal_loss, importance.attention_importance])
+def test_layer_scores_need_calibration(fn):
+    with pytest.raises(ValueError, match="calibration"):
+        fn(tiny_llama(), [])
