@@ -238,24 +238,30 @@ def angular_distance(model: nn.Module, calibration: list[dict], n_block: int) ->
 
 
 @torch.no_grad()
-def removal_loss(model: nn.Module, calibration: list[dict], skip: Iterable[int] = ()) -> torch.Tensor:
+def removal_loss(model: nn.Module, calibration: list[dict], skip: Iterable[int] = (),
+                 candidates: Iterable[int] | None = None) -> torch.Tensor:
     """The direct criterion: calibration loss increase (nats/token) when each layer alone is removed.
 
     Shortened LLaMA (Kim et al. 2024) ranks layers by the perplexity they cost; this is its log form.
-    Layers in ``skip`` are treated as already removed; their own entry is 0.
+    Layers in ``skip`` are treated as already removed (entry 0). It costs one calibration pass per layer,
+    so ``candidates`` can restrict it to a shortlist (e.g. the lowest ``block_influence``); the other
+    entries are ``inf``.
     """
     from .evaluation import calibration_loss
 
     _check_batches(calibration, "removal_loss")
     skip = set(skip)
+    n = arch.num_layers(model)
+    candidates = set(range(n)) if candidates is None else {arch.check_layer_index(model, i) for i in candidates}
     with hooks.skip_layers(model, skip):
         base = calibration_loss(model, calibration)
-    result = torch.zeros(arch.num_layers(model))
-    for index in range(arch.num_layers(model)):
+    result = torch.full((n,), float("inf"))
+    for index in range(n):
         if index in skip:
-            continue
-        with hooks.skip_layers(model, skip | {index}):
-            result[index] = calibration_loss(model, calibration) - base
+            result[index] = 0.0
+        elif index in candidates:
+            with hooks.skip_layers(model, skip | {index}):
+                result[index] = calibration_loss(model, calibration) - base
     return result
 
 

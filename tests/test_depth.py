@@ -161,3 +161,11 @@ def test_angular_distance_of_an_identity_layer_is_zero():
 def test_layer_scores_need_calibration(fn):
     with pytest.raises(ValueError, match="calibration"):
         fn(tiny_llama(), [])
+
+
+def test_removal_loss_on_a_shortlist_scores_only_the_candidates():
+    model = tiny_llama(num_hidden_layers=4)
+    full = importance.removal_loss(model, [padded_batch()])
+    short = importance.removal_loss(model, [padded_batch()], candidates=[1, 3], skip=[0])
+    assert short[0] == 0 and torch.isinf(short[2])
+    assert torch.isfinite(short[[1, 3]]).all() and torch.isfinite(full).all()
