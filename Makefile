@@ -36,6 +36,7 @@ notebooks: venv
 benchmarks: venv
 	$(BIN)/python benchmarks/base_models.py
 	$(BIN)/python benchmarks/width.py
+	$(BIN)/python benchmarks/depth.py
 
 report: venv
 	$(BIN)/python benchmarks/report.py

@@ -1,0 +1,172 @@
+"""Depth-pruning and attention-bypass benchmark: which layers to remove, what it costs, what it buys.
+
+For SmolLM2 (offline Llama role), at 2, 4 and 6 decoder layers removed: every selection strategy of
+lesson 04 next to OptiPFair's depth pruning (its ``analyze_layer_importance`` choice: the layers with the
+lowest input/output cosine distance), with params, held-out PPL, last-word accuracy and speed (prefill
+and KV-cache decode) vs base. Then attention bypass (lesson 05) at 4, 8 and 12 sub-layers, chosen
+iteratively. The report states whether the course's strategy keeps its PPL increase at most half of
+OptiPFair's at each count. Calibration and evaluation text come from different articles.
+
+Run: ``python benchmarks/depth.py [--eval-tokens 16384] [--lastword-items 100]`` (``make benchmarks``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from report import RESULTS, write_section  # noqa: E402
+
+import course_utils  # noqa: E402
+from course_utils import bypass, data, evaluation, importance, models, surgery  # noqa: E402
+
+COUNTS = (2, 4, 6)
+BYPASS_COUNTS = (4, 8, 12)
+COURSE = "course: removal loss, iterative (shortlist)"
+OPTIPFAIR = "optipfair: analyze_layer_importance"
+
+
+def iterative(model, calibration, k: int, score, **kwargs) -> list[int]:
+    """Remove the lowest-scoring layer, re-score with it skipped, repeat ``k`` times."""
+    chosen: list[int] = []
+    for _ in range(k):
+        scores = score(model, calibration, skip=chosen, **kwargs)
+        scores[chosen] = float("inf")
+        chosen.append(int(scores.argmin()))
+    return sorted(chosen)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per perplexity")
+    parser.add_argument("--lastword-items", type=int, default=100)
+    parser.add_argument("--calib-samples", type=int, default=32)
+    args = parser.parse_args()
+
+    profile = course_utils.setup(verbose=False)
+    base, tokenizer = models.load_model("llama", profile)
+    texts = data.load_texts("evaluation", profile)
+    items = evaluation.lastword_items(profile, n_items=args.lastword_items)
+    calibration = data.calibration_batches(tokenizer, data.load_texts("calibration", profile),
+                                           n_samples=args.calib_samples, seq_len=256, seed=0)
+    n_layers = base.config.num_hidden_layers
+
+    def measure(model, name, count, kind, layers, seconds) -> dict:
+        speed = evaluation.latency(model, tokenizer, runs=3)
+        row = dict(method=name, kind=kind, count=count, layers=layers, params=models.count_parameters(model),
+                   ppl=evaluation.perplexity(model, tokenizer, texts, max_tokens=args.eval_tokens),
+                   lastword=evaluation.last_word_accuracy(model, tokenizer, items), select_s=seconds,
+                   prefill_ms=speed.prefill_ms, decode_tok_s=speed.decode_tok_s)
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+        return row
+
+    rows = [measure(base, "unpruned", 0, "base", [], 0.0)]
+    start = time.perf_counter()
+    influence = importance.block_influence(base, calibration)
+    influence_s = time.perf_counter() - start
+    # the direct criterion: a probe batch of 16 x 128 tokens, on the 15 layers of lowest block influence
+    probe = data.calibration_batches(tokenizer, data.load_texts("calibration", profile), n_samples=16, seq_len=128,
+                                     batch_size=16, seed=1)
+    shortlist = influence.argsort()[:15].tolist()
+
+    from optipfair import prune_model
+    from optipfair.pruning.depth import analyze_layer_importance
+
+    start = time.perf_counter()
+    theirs_scores = analyze_layer_importance(base, calibration, show_progress=False)
+    theirs_s = time.perf_counter() - start
+    theirs_order = sorted(theirs_scores, key=theirs_scores.get)
+
+    for k in COUNTS:
+        choices: dict[str, tuple[list[int], float]] = {
+            "drop the last N": (list(range(n_layers - k, n_layers)), 0.0),
+            "block influence, one-shot": (sorted(influence.argsort()[:k].tolist()), influence_s),
+        }
+        start = time.perf_counter()
+        distance = importance.angular_distance(base, calibration, k)
+        first = int(distance.argmin())
+        choices["contiguous block (angular distance)"] = (list(range(first, first + k)), time.perf_counter() - start)
+        start = time.perf_counter()
+        choices["block influence, iterative"] = (iterative(base, calibration, k, importance.block_influence),
+                                                 time.perf_counter() - start)
+        start = time.perf_counter()
+        choices[COURSE] = (iterative(base, probe, k, importance.removal_loss, candidates=shortlist),
+                           time.perf_counter() - start + influence_s)
+        for name, (layers, seconds) in choices.items():
+            model = copy.deepcopy(base)
+            surgery.drop_layers(model, layers)
+            rows.append(measure(model, name, k, "depth", layers, seconds))
+        model = copy.deepcopy(base)  # OptiPFair prunes in place: its own copy
+        layers = sorted(theirs_order[:k])
+        start = time.perf_counter()
+        prune_model(model, pruning_type="DEPTH", layer_indices=layers, show_progress=False)
+        rows.append(measure(model, OPTIPFAIR, k, "depth", layers, theirs_s + time.perf_counter() - start))
+    for k in BYPASS_COUNTS:
+        start = time.perf_counter()
+        layers = bypass.choose_bypass(base, calibration[:2], k)
+        model = bypass.bypass_attention(copy.deepcopy(base), layers)
+        rows.append(measure(model, "attention bypass, iterative", k, "bypass", layers, time.perf_counter() - start))
+    (RESULTS / "depth.json").write_text(json.dumps(rows, indent=2))
+    write_section(20, "depth", "Depth pruning and attention bypass (SmolLM2)", render(rows, args, influence))
+
+
+def render(rows: list[dict], args, influence) -> str:
+    """Markdown tables, the target check and the PPL / speed figure."""
+    base = rows[0]
+    lines = [f"Budget: {args.eval_tokens:,} held-out tokens per PPL, {args.lastword_items} last-word items, "
+             f"calibration {args.calib_samples} paragraphs x 256 tokens from the calibration articles. "
+             "Speed: batch 1, 128-token prompt, 32 decoded tokens with the KV cache, median of 3 runs.", "",
+             f"Unpruned: {base['params'] / 1e6:.1f} M params, PPL {base['ppl']:.2f}, last-word "
+             f"{base['lastword']:.3f}, prefill {base['prefill_ms']:.0f} ms, "
+             f"decode {base['decode_tok_s']:.1f} tok/s.", "",
+             "| removed | method | layers | params (M) | PPL | PPL increase | last-word | prefill vs base | "
+             "decode vs base | selection (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows[1:]:
+        what = f"{row['count']} layers" if row["kind"] == "depth" else f"{row['count']} attention"
+        lines.append(f"| {what} | {row['method']} | {row['layers']} | {row['params'] / 1e6:.1f} | {row['ppl']:.2f} | "
+                     f"+{row['ppl'] - base['ppl']:.2f} | {row['lastword']:.3f} | "
+                     f"{base['prefill_ms'] / row['prefill_ms']:.2f}x | "
+                     f"{row['decode_tok_s'] / base['decode_tok_s']:.2f}x | "
+                     f"{row['select_s']:.0f} |")
+    lines += ["", "Speed columns are speed-ups (higher is faster), measured in this run.", "",
+              "**Target: the course's PPL increase at most half of OptiPFair's choice**", "",
+              "| layers removed | course increase | OptiPFair increase | ratio of increases | met |",
+              "|---|---|---|---|---|"]
+    for k in COUNTS:
+        ours = next(r for r in rows if r["count"] == k and r["method"] == COURSE)["ppl"] - base["ppl"]
+        theirs = next(r for r in rows if r["count"] == k and r["method"] == OPTIPFAIR)["ppl"] - base["ppl"]
+        met = "yes" if ours <= theirs / 2 else "no"
+        lines.append(f"| {k} | +{ours:.2f} | +{theirs:.2f} | {ours / theirs:.2f} | {met} |")
+    lines += ["", "Block influence per layer (1 - cos(input, output), calibration tokens): "
+              + ", ".join(f"{i}: {s:.3f}" for i, s in enumerate(influence.tolist())), "",
+              "![PPL and speed vs layers removed](depth_ppl_speed.png)"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for method in dict.fromkeys(r["method"] for r in rows[1:]):
+        points = sorted((r["count"], r["ppl"], r["decode_tok_s"] / base["decode_tok_s"]) for r in rows
+                        if r["method"] == method)
+        counts, ppls, speeds = zip(*points, strict=True)
+        style = dict(marker="o", label=method, lw=2.5 if method in (COURSE, OPTIPFAIR) else 1)
+        left.plot(counts, ppls, **style)
+        right.plot(counts, speeds, **style)
+    left.axhline(base["ppl"], color="black", ls="--", lw=1, label="unpruned")
+    left.set_yscale("log")
+    left.set_xlabel("layers removed (attention sub-layers for bypass)")
+    left.set_ylabel("held-out PPL (log)")
+    right.axhline(1.0, color="black", ls="--", lw=1)
+    right.set_xlabel("layers removed (attention sub-layers for bypass)")
+    right.set_ylabel("decode speed vs base")
+    left.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M: depth pruning and attention bypass")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "depth_ppl_speed.png", dpi=90)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
