@@ -450,11 +450,95 @@ def sync_structure_config(model: nn.Module) -> None:
         del model.config.bypassed_attention
 
 
-def drop_layers(model: nn.Module, indices: Iterable[int]) -> nn.Module:
+def contiguous_runs(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted indices grouped into (first, last) runs of consecutive layers: [3, 4, 7] -> [(3, 4), (7, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+@torch.no_grad()
+def linear_replacements(model: nn.Module, runs: list[tuple[int, int]], calibration: list[dict],
+                        ridge: float = 0.01) -> dict[int, torch.Tensor]:
+    """For each run of layers to remove, a (hidden, hidden) map T to fold into the MLP just before the run.
+
+    ReplaceMe (Shopkhoev et al. 2025): with ``y`` the residual stream entering the MLP of layer
+    ``first - 1``, ``m`` that MLP's output and ``target`` the output of layer ``last``, solve
+    min E||y + m T - target||^2 + ridge * s * ||T - I||^2 (s = mean E[m_i^2]; T = I means "just drop")
+    in closed form. Folding T into the MLP's output projection costs no parameters, so the pruned model
+    is still a stock model. Runs that start at layer 0 have no MLP before them and get no map.
+    """
+    spec = arch.get_spec(model)
+    layers = arch.decoder_layers(model)
+    wanted = {first: last for first, last in runs if first > 0}
+    if not wanted:
+        return {}
+    hidden = getattr(model.config, spec.hidden_key)
+    moments = {f: torch.zeros(hidden, hidden, dtype=torch.float64) for f in wanted}  # E[m m^T] (summed)
+    cross = {f: torch.zeros(hidden, hidden, dtype=torch.float64) for f in wanted}  # E[m (target - y - m)^T]
+    count = 0
+    seen: dict[str, torch.Tensor] = {}
+    mask: dict[str, torch.Tensor | None] = {"m": None}
+    handles = []
+    for first, last in wanted.items():
+        before = layers[first - 1]
+
+        def residual_in(module, args, first=first):
+            seen[f"y{first}"] = hooks.select_tokens(args[0], mask["m"]).double()
+
+        def mlp_out(module, args, output, first=first):
+            seen[f"m{first}"] = hooks.select_tokens(hooks._hidden(output), mask["m"]).double()
+
+        def block_out(module, args, output, first=first):
+            m, y = seen.pop(f"m{first}"), seen.pop(f"y{first}")
+            target = hooks.select_tokens(hooks._hidden(output), mask["m"]).double()
+            moments[first] += (m.T @ m).cpu()
+            cross[first] += (m.T @ (target - y - m)).cpu()
+
+        handles.append(getattr(before, spec.norms[1]).register_forward_pre_hook(residual_in))
+        handles.append(getattr(before, spec.mlp).register_forward_hook(mlp_out))
+        handles.append(layers[last].register_forward_hook(block_out))
+    device = next(model.parameters()).device
+    with hooks._hooks(handles):
+        for batch in calibration:
+            mask["m"] = batch.get("attention_mask")
+            model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+            count += int(mask["m"].sum()) if mask["m"] is not None else batch["input_ids"].numel()
+    maps = {}
+    eye = torch.eye(hidden, dtype=torch.float64)
+    for first in wanted:
+        damping = ridge * moments[first].diagonal().mean() / count
+        lhs = moments[first] / count + damping * eye
+        # minimiser of E||m (T - I) - (target - y - m)||^2 + damping ||T - I||^2, written as T = I + D
+        maps[first] = (eye + torch.linalg.solve(lhs, cross[first] / count)).float()
+    return maps
+
+
+def _fold_map(model: nn.Module, index: int, transform: torch.Tensor) -> None:
+    """Multiply the output of layer ``index``'s MLP by ``transform`` (hidden, hidden), inside its output projection."""
+    proj = arch.mlp_parts(model, index).output
+    t = transform.to(proj.weight.device, proj.weight.dtype)
+    with torch.no_grad():
+        if isinstance(proj, nn.Linear):  # weight (hidden, width): out = a W^T -> a W^T T = a (T^T W)^T
+            proj.weight.copy_(t.T @ proj.weight)
+        else:  # Conv1D weight (width, hidden): out = a W -> a W T
+            proj.weight.copy_(proj.weight @ t)
+        if proj.bias is not None:
+            proj.bias.copy_(proj.bias @ t)
+
+
+def drop_layers(model: nn.Module, indices: Iterable[int], calibration: list[dict] | None = None,
+                ridge: float = 0.01) -> nn.Module:
     """Remove decoder layers ``indices`` in place; renumber the rest so the KV cache stays consistent.
 
     Updates the layer count and every per-layer config list (e.g. ``layer_types``); a model saved
     afterwards reloads with plain ``from_pretrained`` (unless other surgery needs ``load_pruned``).
+    With ``calibration``, each run of removed layers is replaced by a linear map folded into the MLP
+    before it (``linear_replacements``, ReplaceMe): still a stock model, usually a much smaller loss.
     Bad indices (out of range, duplicates, every layer) raise ``ValueError`` and leave the model as it was.
     """
     spec = arch.get_spec(model)
@@ -462,6 +546,11 @@ def drop_layers(model: nn.Module, indices: Iterable[int]) -> nn.Module:
     if spec is arch.GPT2 and getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
         raise ValueError("this GPT-2 scales attention by 1/(layer_idx + 1): renumbered layers would compute "
                          "differently after reload; depth pruning is not supported for it")
+    if calibration is not None and not calibration:
+        raise ValueError("calibration is empty: pass data.calibration_batches(...) or None for a plain drop")
+    if calibration:
+        for first, transform in linear_replacements(model, contiguous_runs(drop), calibration, ridge).items():
+            _fold_map(model, first - 1, transform)
     layers = arch.decoder_layers(model)
     kept = [layer for i, layer in enumerate(layers) if i not in drop]
     for key in spec.per_layer_keys:

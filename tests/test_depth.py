@@ -169,3 +169,47 @@ def test_removal_loss_on_a_shortlist_scores_only_the_candidates():
     short = importance.removal_loss(model, [padded_batch()], candidates=[1, 3], skip=[0])
     assert short[0] == 0 and torch.isinf(short[2])
     assert torch.isfinite(short[[1, 3]]).all() and torch.isfinite(full).all()
+
+
+def test_contiguous_runs():
+    assert surgery.contiguous_runs([7, 3, 4]) == [(3, 4), (7, 7)]
+    assert surgery.contiguous_runs([]) == []
+
+
+@torch.no_grad()
+def _block_error(model, kept_before, target_model, last, batch):
+    """MSE between the new model's output of layer ``kept_before`` and the original's output of layer ``last``."""
+    out_new = model(**batch, output_hidden_states=True).hidden_states[kept_before + 1]
+    out_old = target_model(**batch, output_hidden_states=True).hidden_states[last + 1]
+    real = batch["attention_mask"].bool()
+    return (out_new[real] - out_old[real]).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_linear_replacement_reduces_the_block_error_and_reloads(family, tmp_path):
+    original = deep(family)
+    batches = [padded_batch(seed=s, batch=4, seq=12) for s in range(4)]
+    plain = surgery.drop_layers(deep(family), [1, 2])
+    compensated = surgery.drop_layers(deep(family), [1, 2], calibration=batches)
+    assert arch.num_layers(compensated) == 2
+    err_plain = _block_error(plain, 0, original, 2, batches[0])
+    err_comp = _block_error(compensated, 0, original, 2, batches[0])
+    assert err_comp < err_plain
+    compensated.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded), logits(compensated))
+
+
+def test_linear_replacement_with_a_huge_ridge_is_a_plain_drop():
+    batches = [padded_batch()]
+    plain = surgery.drop_layers(deep("llama"), [2])
+    stiff = surgery.drop_layers(deep("llama"), [2], calibration=batches, ridge=1e9)
+    torch.testing.assert_close(logits(stiff), logits(plain), atol=1e-4, rtol=1e-4)
+
+
+def test_linear_replacement_skips_a_run_at_layer_zero_and_rejects_empty_calibration():
+    model = deep("llama")
+    assert surgery.linear_replacements(model, [(0, 1)], [padded_batch()]) == {}
+    with pytest.raises(ValueError, match="calibration is empty"):
+        surgery.drop_layers(model, [1], calibration=[])
+    assert arch.num_layers(model) == 4
