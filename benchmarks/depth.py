@@ -3,7 +3,9 @@
 For SmolLM2 (offline Llama role), at 2, 4 and 6 decoder layers removed: every selection strategy of
 lesson 04 next to OptiPFair's depth pruning (its ``analyze_layer_importance`` choice: the layers with the
 lowest input/output cosine distance), with params, held-out PPL, last-word accuracy and speed (prefill
-and KV-cache decode) vs base. Then attention bypass (lesson 05) at 4, 8 and 12 sub-layers, chosen
+and KV-cache decode) vs base. The course's method: one-shot block influence, then each removed run replaced by
+a linear map folded into the MLP before it (ReplaceMe, Shopkhoev et al. 2025; ``surgery.drop_layers(...,
+calibration=...)``), still a stock Llama. Then attention bypass (lesson 05) at 4, 8 and 12 sub-layers, chosen
 iteratively. The report states whether the course's strategy keeps its PPL increase at most half of
 OptiPFair's at each count. Calibration and evaluation text come from different articles.
 
@@ -28,7 +30,8 @@ from course_utils import bypass, data, evaluation, importance, models, surgery  
 
 COUNTS = (2, 4, 6)
 BYPASS_COUNTS = (4, 8, 12)
-COURSE = "course: removal loss, iterative (shortlist)"
+DIRECT = "removal loss, iterative (shortlist)"
+COURSE = "course: block influence + linear replacement"
 OPTIPFAIR = "optipfair: analyze_layer_importance"
 
 
@@ -96,12 +99,20 @@ def main() -> None:
         choices["block influence, iterative"] = (iterative(base, calibration, k, importance.block_influence),
                                                  time.perf_counter() - start)
         start = time.perf_counter()
-        choices[COURSE] = (iterative(base, probe, k, importance.removal_loss, candidates=shortlist),
+        choices[DIRECT] = (iterative(base, probe, k, importance.removal_loss, candidates=shortlist),
                            time.perf_counter() - start + influence_s)
         for name, (layers, seconds) in choices.items():
             model = copy.deepcopy(base)
             surgery.drop_layers(model, layers)
             rows.append(measure(model, name, k, "depth", layers, seconds))
+        replacements = ((COURSE, "block influence, one-shot"),
+                        ("contiguous block + linear replacement (ReplaceMe)", "contiguous block (angular distance)"))
+        for name, source in replacements:
+            layers, seconds = choices[source]
+            model = copy.deepcopy(base)
+            start = time.perf_counter()
+            surgery.drop_layers(model, layers, calibration=calibration)  # a linear map folded into the MLP before
+            rows.append(measure(model, name, k, "depth", layers, seconds + time.perf_counter() - start))
         model = copy.deepcopy(base)  # OptiPFair prunes in place: its own copy
         layers = sorted(theirs_order[:k])
         start = time.perf_counter()
