@@ -14,7 +14,6 @@ Run: ``python benchmarks/depth.py [--eval-tokens 16384] [--lastword-items 100]``
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
@@ -23,9 +22,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from report import RESULTS, write_section  # noqa: E402
+from report import RESULTS, start_run, write_section  # noqa: E402
 
-import course_utils  # noqa: E402
 from course_utils import bypass, data, evaluation, importance, models, surgery  # noqa: E402
 
 COUNTS = (2, 4, 6)
@@ -46,18 +44,9 @@ def iterative(model, calibration, k: int, score, **kwargs) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per perplexity")
-    parser.add_argument("--lastword-items", type=int, default=100)
-    parser.add_argument("--calib-samples", type=int, default=32)
-    args = parser.parse_args()
-
-    profile = course_utils.setup(verbose=False)
-    base, tokenizer = models.load_model("llama", profile)
-    texts = data.load_texts("evaluation", profile)
-    items = evaluation.lastword_items(profile, n_items=args.lastword_items)
-    calibration = data.calibration_batches(tokenizer, data.load_texts("calibration", profile),
-                                           n_samples=args.calib_samples, seq_len=256, seed=0)
+    run = start_run(__doc__.split("\n")[0], calib_samples=32)
+    args, profile, base, tokenizer = run.args, run.profile, run.base, run.tokenizer
+    texts, items, calibration = run.texts, run.items, run.calibration
     n_layers = base.config.num_hidden_layers
 
     def measure(model, name, count, kind, layers, seconds) -> dict:

@@ -7,9 +7,11 @@ says when, where and on what the numbers were measured. Nothing in the report is
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -23,6 +25,38 @@ def write_section(order: int, name: str, title: str, body: str) -> Path:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     path.write_text(f"## {title}\n\n_Measured {stamp}._\n\n{body.strip()}\n", encoding="utf-8")
     return path
+
+
+@dataclass
+class Run:
+    """What every benchmark script starts from: the offline Llama, held-out text, items and calibration."""
+
+    args: argparse.Namespace
+    profile: object
+    base: object  # the unpruned model
+    tokenizer: object
+    texts: list  # held-out paragraphs
+    items: list  # last-word items
+    calibration: list  # calibration batches (right-padded, from the calibration articles)
+
+
+def start_run(description: str, calib_samples: int) -> Run:
+    """Parse the shared arguments (--eval-tokens, --lastword-items, --calib-samples) and load everything."""
+    import course_utils
+    from course_utils import data, evaluation, models
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per perplexity")
+    parser.add_argument("--lastword-items", type=int, default=100)
+    parser.add_argument("--calib-samples", type=int, default=calib_samples)
+    args = parser.parse_args()
+    profile = course_utils.setup(verbose=False)
+    base, tokenizer = models.load_model("llama", profile)
+    calibration = data.calibration_batches(tokenizer, data.load_texts("calibration", profile),
+                                           n_samples=args.calib_samples, seq_len=256, seed=0)
+    return Run(args=args, profile=profile, base=base, tokenizer=tokenizer,
+               texts=data.load_texts("evaluation", profile),
+               items=evaluation.lastword_items(profile, n_items=args.lastword_items), calibration=calibration)
 
 
 def machine_line() -> str:

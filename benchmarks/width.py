@@ -13,7 +13,6 @@ Run: ``python benchmarks/width.py [--eval-tokens 16384] [--lastword-items 100]``
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
@@ -22,10 +21,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from report import RESULTS, write_section  # noqa: E402
+from report import RESULTS, start_run, write_section  # noqa: E402
 
-import course_utils  # noqa: E402
-from course_utils import data, evaluation, importance, models, surgery  # noqa: E402
+from course_utils import evaluation, importance, models, surgery  # noqa: E402
 
 RATIOS = (0.1, 0.2, 0.4)
 COURSE = "course: obs + refit + allocation"
@@ -33,18 +31,9 @@ OPTIPFAIR = "optipfair: hybrid (MAW + calibration)"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per perplexity")
-    parser.add_argument("--lastword-items", type=int, default=100)
-    parser.add_argument("--calib-samples", type=int, default=256)
-    args = parser.parse_args()
-
-    profile = course_utils.setup(verbose=False)
-    base, tokenizer = models.load_model("llama", profile)
-    texts = data.load_texts("evaluation", profile)
-    items = evaluation.lastword_items(profile, n_items=args.lastword_items)
-    calibration = data.calibration_batches(tokenizer, data.load_texts("calibration", profile),
-                                           n_samples=args.calib_samples, seq_len=256, seed=0)
+    run = start_run(__doc__.split("\n")[0], calib_samples=256)
+    args, base, tokenizer = run.args, run.base, run.tokenizer
+    texts, items, calibration = run.texts, run.items, run.calibration
 
     def measure(model, name, ratio, seconds, speed=False) -> dict:
         row = dict(method=name, ratio=ratio, params=models.count_parameters(model),
