@@ -37,6 +37,7 @@ benchmarks: venv
 	$(BIN)/python benchmarks/base_models.py
 	$(BIN)/python benchmarks/width.py
 	$(BIN)/python benchmarks/depth.py
+	$(BIN)/python benchmarks/recovery.py
 
 report: venv
 	$(BIN)/python benchmarks/report.py

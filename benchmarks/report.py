@@ -40,8 +40,11 @@ class Run:
     calibration: list  # calibration batches (right-padded, from the calibration articles)
 
 
-def start_run(description: str, calib_samples: int) -> Run:
-    """Parse the shared arguments (--eval-tokens, --lastword-items, --calib-samples) and load everything."""
+def start_run(description: str, calib_samples: int, extra: list[tuple] = ()) -> Run:
+    """Parse the shared arguments (--eval-tokens, --lastword-items, --calib-samples) and load everything.
+
+    ``extra``: the script's own options as (flag, type, default, help) tuples.
+    """
     import course_utils
     from course_utils import data, evaluation, models
 
@@ -49,6 +52,8 @@ def start_run(description: str, calib_samples: int) -> Run:
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per perplexity")
     parser.add_argument("--lastword-items", type=int, default=100)
     parser.add_argument("--calib-samples", type=int, default=calib_samples)
+    for flag, kind, default, text in extra:
+        parser.add_argument(flag, type=kind, default=default, help=text)
     args = parser.parse_args()
     profile = course_utils.setup(verbose=False)
     base, tokenizer = models.load_model("llama", profile)

@@ -154,6 +154,36 @@ def calibration_batches(tokenizer, texts: list[str], n_samples: int = 64, seq_le
     return batches
 
 
+def token_stream(tokenizer, texts: list[str], max_tokens: int | None = None) -> torch.Tensor:
+    """The evaluation token stream: texts joined by blank lines, no special tokens, cut to ``max_tokens``."""
+    if not texts or not any(t.strip() for t in texts):
+        raise ValueError("texts is empty: pass a non-empty list of strings (e.g. data.load_texts('evaluation'))")
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    return ids[:max_tokens] if max_tokens else ids
+
+
+
+def token_windows(tokenizer, texts: list[str], seq_len: int = 256, batch_size: int = 4,
+                  max_windows: int | None = None, seed: int | None = 0) -> list[dict[str, torch.Tensor]]:
+    """The texts as one token stream cut into full ``seq_len`` windows, shuffled (``seed``), in batches.
+
+    Training data for recovery runs: no padding, so every position predicts a real token. Each batch is
+    a dict with ``input_ids`` and an all-ones ``attention_mask`` of shape (batch, seq_len).
+    """
+    if seq_len < 2 or batch_size < 1:
+        raise ValueError(f"need seq_len >= 2 and batch_size >= 1; got {seq_len}, {batch_size}")
+    ids = token_stream(tokenizer, texts)
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise ValueError(f"the texts give {ids.numel()} tokens, fewer than one window of {seq_len}")
+    windows = ids[: n * seq_len].view(n, seq_len)  # (n_windows, seq_len)
+    if seed is not None:
+        windows = windows[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+    if max_windows is not None:
+        windows = windows[:max_windows]
+    return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]
+
+
 def write_jsonl(rows: list[dict], path: Path) -> Path:
     """Write rows as JSON lines (used for the generated evaluation tasks)."""
     path.parent.mkdir(parents=True, exist_ok=True)

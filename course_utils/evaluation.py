@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import load_texts, write_jsonl
+from .data import load_texts, token_stream, write_jsonl
 from .profiles import Profile, cache_dir, get_profile
 
 LASTWORD_VERSION = 2  # bump when the item rules change, so cached task files are rebuilt
@@ -39,14 +39,6 @@ OFFLINE_LM_EVAL_TASKS = ("course_lastword", "course_wikipedia")
 
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def token_stream(tokenizer, texts: list[str], max_tokens: int | None = None) -> torch.Tensor:
-    """The evaluation token stream: texts joined by blank lines, no special tokens, cut to ``max_tokens``."""
-    if not texts or not any(t.strip() for t in texts):
-        raise ValueError("texts is empty: pass a non-empty list of strings (e.g. data.load_texts('evaluation'))")
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    return ids[:max_tokens] if max_tokens else ids
 
 
 @torch.no_grad()

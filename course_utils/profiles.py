@@ -66,6 +66,7 @@ class Profile:
     lastword_items: int | None  # last-word accuracy items (None: all)
     calib_samples: int  # calibration sequences for data-aware scores
     calib_seq_len: int  # tokens per calibration sequence
+    kd_steps: int  # optimiser steps of a knowledge-distillation recovery run (lesson 07)
     extra: dict = field(default_factory=dict)  # room for lesson-specific budgets
 
     def model_id(self, role: str) -> str:
@@ -82,8 +83,8 @@ class Profile:
 
 BUDGETS = {
     # 2-core CPU: a few thousand tokens per perplexity keeps every notebook within minutes.
-    "offline": dict(eval_tokens=4096, lastword_items=100, calib_samples=128, calib_seq_len=256),
-    "full": dict(eval_tokens=None, lastword_items=None, calib_samples=128, calib_seq_len=512),
+    "offline": dict(eval_tokens=4096, lastword_items=100, calib_samples=128, calib_seq_len=256, kd_steps=40),
+    "full": dict(eval_tokens=None, lastword_items=None, calib_samples=128, calib_seq_len=512, kd_steps=1000),
 }
 
 

@@ -1,6 +1,7 @@
 """The offline corpus: stable article split, prose only, padded calibration batches."""
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from course_utils import data
@@ -51,3 +52,22 @@ def test_calibration_batches_are_seeded_and_masked(tokenizer):
 def test_empty_calibration_data(tokenizer):
     with pytest.raises(ValueError, match="calibration data is empty"):
         data.calibration_batches(tokenizer, [])
+
+
+def test_token_windows_are_full_unpadded_and_seeded():
+    texts = ["alpha beta gamma delta " * 40, "epsilon zeta eta theta " * 40]
+
+    class CharTok:  # one token per character: enough to check the cutting
+        def __call__(self, text, add_special_tokens=False, return_tensors="pt"):
+            return {"input_ids": torch.tensor([[ord(c) for c in text]])}
+
+    batches = data.token_windows(CharTok(), texts, seq_len=16, batch_size=3, seed=0)
+    ids = torch.cat([b["input_ids"] for b in batches])
+    n_chars = len("\n\n".join(texts))
+    assert ids.shape == (n_chars // 16, 16)
+    assert all(b["attention_mask"].eq(1).all() for b in batches)
+    again = torch.cat([b["input_ids"] for b in data.token_windows(CharTok(), texts, seq_len=16, batch_size=3, seed=0)])
+    assert torch.equal(ids, again)
+    assert len(data.token_windows(CharTok(), texts, seq_len=16, max_windows=5, batch_size=2)) == 3
+    with pytest.raises(ValueError, match="fewer than one window"):
+        data.token_windows(CharTok(), ["short"], seq_len=64)

@@ -1,0 +1,297 @@
+"""Knowledge-distillation recovery: the original model teaches its pruned version.
+
+The loss follows Hinton et al. 2015 ("Distilling the Knowledge in a Neural Network"):
+
+    loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, next token)
+
+averaged over the positions that predict a real token (padding never counts, in either term). The
+T^2 factor keeps the soft term's gradients on the same scale whatever the temperature. An optional
+hidden-state term (relative squared error between chosen student and teacher layer outputs, in the
+spirit of DistilBERT's and Minitron's intermediate-state losses) can be added; width- and
+depth-pruned students keep the model width, so the hidden states compare directly.
+
+``distill`` is a small training loop built on accelerate's ``Accelerator``: the same code runs on one CPU,
+one GPU, or several GPUs under ``accelerate launch`` (with an FSDP or DeepSpeed config for models that
+do not fit one device). The student trains in place (no second copy); the teacher runs in inference
+mode (no gradients). ``alpha=0`` is plain cross-entropy fine-tuning, and then the teacher is never run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import arch
+
+
+@dataclass
+class DistillConfig:
+    """Loss weights and training budget of one recovery run."""
+
+    steps: int = 100  # optimiser steps (one batch each)
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    warmup_steps: int = 10  # linear warm-up, then cosine decay to zero
+    alpha: float = 0.5  # share of the soft (teacher) term; 0 = plain cross-entropy fine-tuning
+    temperature: float = 2.0  # softens both distributions in the soft term
+    hidden_weight: float = 0.0  # weight of the hidden-state term (0 = off)
+    hidden_layers: dict[int, int] = field(default_factory=dict)  # student layer -> teacher layer for that term
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    eval_every: int = 25  # steps between held-out evaluations (0 = only at the start and the end)
+    seed: int = 0  # order of the batches
+
+    def __post_init__(self) -> None:
+        check_loss_weights(self.alpha, self.temperature)
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1; got {self.steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0; got {self.lr}")
+        if self.hidden_weight < 0:
+            raise ValueError(f"hidden_weight must be >= 0; got {self.hidden_weight}")
+        if self.hidden_weight > 0 and not self.hidden_layers:
+            raise ValueError("hidden_weight > 0 needs hidden_layers: a {student_layer: teacher_layer} dict")
+
+
+def check_loss_weights(alpha: float, temperature: float) -> None:
+    """``alpha`` must lie in [0, 1] and ``temperature`` be positive."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (share of the teacher term) must be in [0, 1]; got {alpha}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+
+
+def check_pair(teacher: nn.Module, student: nn.Module, teacher_tokenizer=None, student_tokenizer=None) -> None:
+    """Teacher and student must share one vocabulary (same size, same token ids)."""
+    t_vocab = teacher.get_output_embeddings().weight.shape[0]
+    s_vocab = student.get_output_embeddings().weight.shape[0]
+    if t_vocab != s_vocab:
+        raise ValueError(f"teacher and student vocabularies differ ({t_vocab} vs {s_vocab} output tokens): "
+                         "logit distillation needs the same tokenizer; distil from the unpruned original")
+    if teacher_tokenizer is not None and student_tokenizer is not None:
+        if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+            raise ValueError("teacher and student tokenizers map tokens to different ids: logit distillation "
+                             "needs the same tokenizer; distil from the unpruned original")
+    if teacher.config.hidden_size != student.config.hidden_size:
+        raise ValueError(f"teacher and student widths differ ({teacher.config.hidden_size} vs "
+                         f"{student.config.hidden_size}); the hidden-state term needs equal widths")
+
+
+@dataclass
+class KDLoss:
+    """One batch's loss and its two parts (floats for logging, ``total`` keeps the graph)."""
+
+    total: torch.Tensor
+    soft: float
+    hard: float
+    hidden: float = 0.0
+
+
+def target_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+    """Positions 0..seq-2 whose next token is real, and which are real themselves: (batch, seq - 1) bools."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
+    return (attention_mask[:, :-1] != 0) & (attention_mask[:, 1:] != 0)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, input_ids: torch.Tensor,
+            attention_mask: torch.Tensor | None = None, alpha: float = 0.5, temperature: float = 2.0) -> KDLoss:
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE, over non-padding positions only.
+
+    Logits are (batch, seq, vocab) for the whole input; position t predicts token t + 1.
+    """
+    check_loss_weights(alpha, temperature)
+    mask = target_mask(attention_mask, input_ids)  # (batch, seq - 1)
+    if not mask.any():
+        raise ValueError("the batch has no position with a real next token (all padding?)")
+    s = student_logits[:, :-1][mask].float()  # (n_positions, vocab)
+    hard = F.cross_entropy(s, input_ids[:, 1:][mask])
+    soft = torch.zeros((), device=s.device)
+    if alpha > 0:
+        if teacher_logits is None:
+            raise ValueError("alpha > 0 needs the teacher's logits")
+        t = teacher_logits[:, :-1][mask].float()  # (n_positions, vocab)
+        log_p_teacher = F.log_softmax(t / temperature, dim=-1)
+        log_q_student = F.log_softmax(s / temperature, dim=-1)
+        soft = F.kl_div(log_q_student, log_p_teacher, log_target=True, reduction="batchmean") * temperature**2
+    total = alpha * soft + (1 - alpha) * hard
+    return KDLoss(total=total, soft=float(soft.detach()), hard=float(hard.detach()))
+
+
+def hidden_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...],
+                layers: dict[int, int], attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Relative squared error ||s - t||^2 / ||t||^2 between chosen layers' outputs, real tokens only.
+
+    Layer ``i``'s output is ``hidden_states[i + 1]``. Dividing by the teacher's energy makes layers with
+    large residual streams (they grow with depth) count as much as early ones.
+    """
+    losses = []
+    for s_layer, t_layer in layers.items():
+        s, t = student_hidden[s_layer + 1].float(), teacher_hidden[t_layer + 1].float()  # (batch, seq, d)
+        if attention_mask is not None:
+            keep = attention_mask != 0
+            s, t = s[keep], t[keep]  # (n_tokens, d)
+        losses.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12))
+    return torch.stack(losses).mean()
+
+
+def _check_hidden_layers(teacher: nn.Module, student: nn.Module, layers: dict[int, int]) -> None:
+    for s_layer, t_layer in layers.items():
+        arch.check_layer_index(student, s_layer)
+        arch.check_layer_index(teacher, t_layer)
+
+
+def freeze_all_but_mlp(model: nn.Module) -> int:
+    """Train only the MLP blocks (the pruned parts); returns the number of trainable parameters."""
+    spec = arch.get_spec(model)
+    model.requires_grad_(False)
+    for layer in arch.decoder_layers(model):
+        arch.get_module(layer, spec.mlp).requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@dataclass
+class History:
+    """What one run measured: losses per step and held-out scores at the evaluation steps."""
+
+    name: str
+    loss: list[float] = field(default_factory=list)  # total loss per step
+    soft: list[float] = field(default_factory=list)  # teacher term per step (0 when alpha = 0)
+    hard: list[float] = field(default_factory=list)  # cross-entropy term per step
+    eval_steps: list[int] = field(default_factory=list)
+    eval_scores: list[float] = field(default_factory=list)  # e.g. held-out perplexity
+    seconds: float = 0.0
+
+    @property
+    def final_score(self) -> float:
+        return self.eval_scores[-1]
+
+
+def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to the peak, then cosine decay to zero at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _batch_stream(batches: list[dict], steps: int, seed: int) -> Iterable[dict]:
+    """``steps`` batches: passes over ``batches``, each in a fresh seeded order."""
+    generator = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < steps:
+        for i in torch.randperm(len(batches), generator=generator).tolist():
+            if done == steps:
+                return
+            yield batches[i]
+            done += 1
+
+
+def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], config: DistillConfig,
+            evaluate: Callable[[nn.Module], float] | None = None, name: str = "kd",
+            accelerator=None, progress: bool = True) -> History:
+    """Train ``student`` in place on ``batches`` (dicts with ``input_ids`` and ``attention_mask``).
+
+    - ``teacher``: the unpruned model (inference only); may be ``None`` when ``config.alpha == 0`` and no
+      hidden term is asked for (plain fine-tuning).
+    - ``evaluate``: called on the student (in eval mode) before training, every ``config.eval_every`` steps
+      and at the end, e.g. ``lambda m: evaluation.perplexity(m, tok, held_out, max_tokens=2048)``.
+    - ``accelerator``: an ``accelerate.Accelerator`` (one is made if omitted); under ``accelerate launch``
+      it wraps the student (DDP / FSDP / DeepSpeed, from the launch config) and gives each process
+      every n-th batch.
+    Only parameters with ``requires_grad`` train (see ``freeze_all_but_mlp``).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    if not batches:
+        raise ValueError("no training batches: pass data.token_windows(...) or data.calibration_batches(...)")
+    needs_teacher = config.alpha > 0 or config.hidden_weight > 0
+    if needs_teacher:
+        if teacher is None:
+            raise ValueError("alpha > 0 (or a hidden-state term) needs a teacher model")
+        check_pair(teacher, student)
+        if config.hidden_weight > 0:
+            _check_hidden_layers(teacher, student, config.hidden_layers)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the student has no trainable parameters (did you freeze everything?)")
+    accelerator = accelerator or Accelerator()
+    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_lambda(config.warmup_steps, config.steps))
+    student, optimiser, schedule = accelerator.prepare(student, optimiser, schedule)
+    if needs_teacher:
+        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+        teacher.eval()
+    if accelerator.num_processes > 1:  # each process trains on its own share of the batches
+        batches = batches[accelerator.process_index::accelerator.num_processes]
+    history = History(name=name)
+
+    def run_eval(step: int) -> None:
+        if evaluate is None:
+            return
+        student.eval()
+        with torch.no_grad():
+            score = evaluate(accelerator.unwrap_model(student))
+        student.train()
+        history.eval_steps.append(step)
+        history.eval_scores.append(score)
+
+    run_eval(0)
+    start = time.time()
+    student.train()
+    bar = tqdm(total=config.steps, desc=name, disable=not (progress and accelerator.is_local_main_process))
+    want_hidden = config.hidden_weight > 0
+    for step, batch in enumerate(_batch_stream(batches, config.steps, config.seed), start=1):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        mask = batch.get("attention_mask")
+        teacher_out = None
+        if needs_teacher:
+            with torch.no_grad():
+                teacher_out = teacher(**batch, use_cache=False, output_hidden_states=want_hidden)
+        out = student(**batch, use_cache=False, output_hidden_states=want_hidden)
+        teacher_logits = teacher_out.logits if teacher_out is not None else None
+        loss = kd_loss(out.logits, teacher_logits, batch["input_ids"], mask, config.alpha, config.temperature)
+        total = loss.total
+        if want_hidden:
+            h_loss = hidden_loss(out.hidden_states, teacher_out.hidden_states, config.hidden_layers, mask)
+            total = total + config.hidden_weight * h_loss
+            loss.hidden = float(h_loss.detach())
+        optimiser.zero_grad(set_to_none=True)
+        accelerator.backward(total)
+        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimiser.step()
+        schedule.step()
+        history.loss.append(float(total.detach()))
+        history.soft.append(loss.soft)
+        history.hard.append(loss.hard)
+        bar.update(1)
+        bar.set_postfix(loss=f"{history.loss[-1]:.3f}")
+        if config.eval_every and step % config.eval_every == 0 and step != config.steps:
+            run_eval(step)
+    bar.close()
+    history.seconds = time.time() - start
+    run_eval(config.steps)
+    student.eval()
+    accelerator.unwrap_model(student)
+    return history
+
+
+def gap_recovered(base: float, pruned: float, recovered: float, log: bool = True) -> float:
+    """Share of the pruned-vs-base gap closed: 1 = back to the base, 0 = no better than pruned.
+
+    With ``log=True`` (default) perplexities are compared in log space (nats/token), the scale on which
+    the loss is trained, so a tenfold PPL blow-up does not dominate.
+    """
+    f = math.log if log else (lambda x: x)
+    gap = f(pruned) - f(base)
+    if gap <= 0:
+        raise ValueError(f"the pruned model ({pruned:.3f}) is not worse than the base ({base:.3f}): no gap to recover")
+    return (f(pruned) - f(recovered)) / gap
