@@ -95,7 +95,7 @@ def bypass_attention(model: nn.Module, layers: Iterable[int]) -> nn.Module:
 @torch.no_grad()
 def choose_bypass(model: nn.Module, calibration: list[dict], n_layers: int, iterative: bool = True,
                   protect: Iterable[int] = ()) -> list[int]:
-    """Pick ``n_layers`` attention sub-layers to bypass, least important first (``attention_importance``).
+    """Pick ``n_layers`` attention sub-layers to bypass; returned in the order chosen, least important first.
 
     ``iterative=True`` (He et al. 2024): bypass the least important one, re-measure on the bypassed
     model, repeat. The model is unchanged afterwards (the trial bypass is temporary).
@@ -116,12 +116,12 @@ def choose_bypass(model: nn.Module, calibration: list[dict], n_layers: int, iter
     while len(chosen) < n_layers:
         order = [i for i in scores.argsort().tolist() if i not in excluded and i not in chosen]
         if not iterative:
-            return sorted(order[:n_layers])
+            return order[:n_layers]
         chosen.append(order[0])
         if len(chosen) < n_layers:
             with skipping(model, chosen):
                 scores = importance.attention_importance(model, calibration)
-    return sorted(chosen)
+    return chosen
 
 
 @contextmanager
@@ -240,8 +240,11 @@ class AdaptiveBypass:
     @torch.no_grad()
     def calibrate(cls, model: nn.Module, tokenizer, prompts: list[str], order: list[int],
                   n_bands: int = 3, tolerance: float = 0.15, skip_grid: Iterable[int] = range(0, 13, 2),
-                  weights: tuple[float, float] = (0.5, 0.5)) -> AdaptiveBypass:
+                  weights: tuple[float, float] = (0.5, 0.5), model_name: str | None = None) -> AdaptiveBypass:
         """Fit the router on calibration prompts.
+
+        ``model_name`` is recorded in the calibration file (default: the config's ``name_or_path``, which
+        offline is a cache path; pass the model id instead, e.g. ``profile.model_id("llama")``).
 
         Bands split the prompts' complexity at equal quantiles. In each band, the skip count is the largest
         ``k`` in ``skip_grid`` whose loss increase (skipping ``order[:k]``, measured on that band's prompts)
@@ -273,11 +276,11 @@ class AdaptiveBypass:
                 with skipping(model, order[:k]):
                     increases[k] = evaluation.calibration_loss(model, batch) - base
             measured[str(b)] = {str(k): round(v, 4) for k, v in increases.items()}
-            skips.append(max(k for k, v in increases.items() if v <= tolerance))
+            skips.append(max([0] + [k for k, v in increases.items() if v <= tolerance]))  # 0: skip nothing
         for b in range(1, n_bands):  # a more complex band never skips more than a simpler one
             skips[b] = min(skips[b], skips[b - 1])
         calibration = RouterCalibration(
-            model=str(getattr(model.config, "name_or_path", "")), order=list(order), feature_mean=mean.tolist(),
+            model=model_name or str(getattr(model.config, "name_or_path", "")), order=list(order), feature_mean=mean.tolist(),
             feature_std=std.tolist(), weights=list(weights), thresholds=thresholds, skip_per_band=skips,
             tolerance=tolerance, measured=measured)
         return cls(model, calibration)

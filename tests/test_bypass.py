@@ -202,3 +202,23 @@ def test_router_bad_input():
         bypass.AdaptiveBypass(tiny_llama(num_hidden_layers=2), router.calibration)
     with pytest.raises(ValueError, match="empty prompt"):
         bypass.prompt_features(model, torch.tensor([], dtype=torch.long))
+
+
+def test_choose_bypass_returns_the_order_of_choice():
+    """Least important first, so ``order[:k]`` is the k-layer choice (what AdaptiveBypass.calibrate needs)."""
+    model = tiny_llama(num_hidden_layers=4)
+    zero_attention_output(model, 3)
+    chosen = bypass.choose_bypass(model, [padded_batch()], 3)
+    assert chosen[0] == 3 and len(set(chosen)) == 3
+    assert bypass.choose_bypass(model, [padded_batch()], 1) == chosen[:1]
+    one_shot = bypass.choose_bypass(model, [padded_batch()], 3, iterative=False)
+    scores = importance.attention_importance(model, [padded_batch()])
+    assert one_shot == scores.argsort()[:3].tolist()
+
+
+def test_router_records_the_model_name_and_accepts_a_grid_without_zero():
+    model = tiny_llama(num_hidden_layers=4)
+    router = bypass.AdaptiveBypass.calibrate(model, CharTokenizer(), PROMPTS, order=[3, 1], skip_grid=[2],
+                                             tolerance=-1.0, model_name="tiny/llama")
+    assert router.calibration.model == "tiny/llama"
+    assert router.calibration.skip_per_band == [0, 0, 0]  # nothing within a negative tolerance: skip nothing
