@@ -33,16 +33,6 @@ COURSE = "course: block influence + linear replacement"
 OPTIPFAIR = "optipfair: analyze_layer_importance"
 
 
-def iterative(model, calibration, k: int, score, **kwargs) -> list[int]:
-    """Remove the lowest-scoring layer, re-score with it skipped, repeat ``k`` times."""
-    chosen: list[int] = []
-    for _ in range(k):
-        scores = score(model, calibration, skip=chosen, **kwargs)
-        scores[chosen] = float("inf")
-        chosen.append(int(scores.argmin()))
-    return sorted(chosen)
-
-
 def main() -> None:
     run = start_run(__doc__.split("\n")[0], calib_samples=32)
     args, profile, base, tokenizer = run.args, run.profile, run.base, run.tokenizer
@@ -85,11 +75,11 @@ def main() -> None:
         first = int(distance.argmin())
         choices["contiguous block (angular distance)"] = (list(range(first, first + k)), time.perf_counter() - start)
         start = time.perf_counter()
-        choices["block influence, iterative"] = (iterative(base, calibration, k, importance.block_influence),
-                                                 time.perf_counter() - start)
+        greedy = importance.greedy_layers(base, importance.block_influence, k, calibration)
+        choices["block influence, iterative"] = (sorted(greedy), time.perf_counter() - start)
         start = time.perf_counter()
-        choices[DIRECT] = (iterative(base, probe, k, importance.removal_loss, candidates=shortlist),
-                           time.perf_counter() - start + influence_s)
+        greedy = importance.greedy_layers(base, importance.removal_loss, k, probe, candidates=shortlist)
+        choices[DIRECT] = (sorted(greedy), time.perf_counter() - start + influence_s)
         for name, (layers, seconds) in choices.items():
             model = copy.deepcopy(base)
             surgery.drop_layers(model, layers)

@@ -280,7 +280,7 @@ class AdaptiveBypass:
         for b in range(1, n_bands):  # a more complex band never skips more than a simpler one
             skips[b] = min(skips[b], skips[b - 1])
         calibration = RouterCalibration(
-            model=model_name or str(getattr(model.config, "name_or_path", "")), order=list(order), feature_mean=mean.tolist(),
-            feature_std=std.tolist(), weights=list(weights), thresholds=thresholds, skip_per_band=skips,
-            tolerance=tolerance, measured=measured)
+            model=model_name or str(getattr(model.config, "name_or_path", "")), order=list(order),
+            feature_mean=mean.tolist(), feature_std=std.tolist(), weights=list(weights), thresholds=thresholds,
+            skip_per_band=skips, tolerance=tolerance, measured=measured)
         return cls(model, calibration)

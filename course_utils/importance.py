@@ -265,6 +265,23 @@ def removal_loss(model: nn.Module, calibration: list[dict], skip: Iterable[int] 
     return result
 
 
+def greedy_layers(model: nn.Module, score: Callable[..., torch.Tensor], k: int, calibration: list[dict],
+                  **kwargs) -> list[int]:
+    """Iterative layer choice: take the lowest-scoring layer, re-score with the chosen ones skipped, repeat.
+
+    ``score`` is a per-layer scorer taking ``skip=`` (``block_influence``, ``removal_loss``); extra keyword
+    arguments go to it. Returns ``k`` layer indices in the order chosen, so ``[:j]`` is the j-layer choice.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < arch.num_layers(model):
+        raise ValueError(f"k must be an int in [0, {arch.num_layers(model) - 1}]; got {k!r}")
+    chosen: list[int] = []
+    for _ in range(k):
+        scores = score(model, calibration, skip=chosen, **kwargs).clone()
+        scores[chosen] = float("inf")
+        chosen.append(int(scores.argmin()))
+    return chosen
+
+
 @torch.no_grad()
 def attention_importance(model: nn.Module, calibration: list[dict]) -> torch.Tensor:
     """Per layer: mean over real tokens of 1 - cos(h, h + attn(norm(h))), shape (n_layers,).

@@ -213,3 +213,15 @@ def test_linear_replacement_skips_a_run_at_layer_zero_and_rejects_empty_calibrat
     with pytest.raises(ValueError, match="calibration is empty"):
         surgery.drop_layers(model, [1], calibration=[])
     assert arch.num_layers(model) == 4
+
+
+def test_greedy_layers_takes_identity_layers_first_and_returns_the_order_of_choice():
+    model = deep("llama")
+    make_identity(model, 2)
+    order = importance.greedy_layers(model, importance.block_influence, 3, [padded_batch()])
+    assert order[0] == 2 and len(set(order)) == 3
+    assert importance.greedy_layers(model, importance.block_influence, 1, [padded_batch()]) == order[:1]
+    shortlist = importance.greedy_layers(model, importance.removal_loss, 2, [padded_batch()], candidates=[1, 2])
+    assert shortlist[0] == 2 and set(shortlist) == {1, 2}
+    with pytest.raises(ValueError, match="k must be"):
+        importance.greedy_layers(model, importance.block_influence, 4, [padded_batch()])
