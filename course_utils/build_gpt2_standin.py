@@ -13,11 +13,12 @@ Recipe (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"):
    + 0.5 x cross-entropy on the true next token, with AdamW and a warm-up + cosine schedule;
 4. weights are saved in fp16 with a model card stating the held-out perplexity reached.
 
-Run: ``python -m course_utils.build_gpt2_standin [--out data/gpt2_standin] [--epochs 3]``.
-Deterministic for a given seed and machine; reproducible on CPU. Measured on a 2-core CPU shared with
-other jobs: the teacher pass over the 396,288 calibration tokens took ~45 min and one epoch of student
-training ~34 min; after one epoch the student reached held-out PPL 635 (last-word accuracy 0.012),
-far from the target of < 100, so build with more epochs (a GPU makes this minutes).
+Run: ``python -m course_utils.build_gpt2_standin [--out data/gpt2_standin] [--epochs 4]``.
+Deterministic for a given seed and machine; reproducible on CPU. Measured on a 2-core CPU: the teacher pass
+over the 396,288 calibration tokens took ~45 min (cached afterwards) and training ~2.3 s per step, 194 steps
+per epoch. The shipped 4-epoch build reached held-out PPL 418 / 309 / 267 / 266 after epochs 1-4 (first
+4,096 held-out tokens) and 391 on the whole held-out split: short of the < 100 aimed for, and flattening,
+so more epochs alone will not get there; a larger student or more text (on a GPU) is the next step.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class StandinConfig:
     seq_len: int = 512  # training window = evaluation window
     top_k: int = 32  # teacher log-probabilities kept per position
     batch_size: int = 4  # sequences per optimiser step (more, smaller steps learn faster on 0.4 M tokens)
-    epochs: int = 5
+    epochs: int = 4  # the shipped build (the held-out PPL had flattened by the fourth)
     lr: float = 2e-3
     warmup_steps: int = 50
     monitor_tokens: int = 4096  # held-out tokens for the per-epoch perplexity printout
