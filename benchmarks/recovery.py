@@ -104,7 +104,8 @@ def main() -> None:
                f"{train[0]['input_ids'].numel():,} tokens on {device}.")
     body = (f"Width-pruned SmolLM2 ({args.ratio:.0%} of MLP neurons, lesson 03's recipe), then recovered "
             f"({args.steps} AdamW steps, lr {args.lr}, batch {args.batch_size} x {args.seq_len} tokens from the "
-            f"calibration articles; 'gap recovered' is measured on log-PPL).\n\n" + "\n".join(lines)
+            f"calibration articles; 'gap recovered' is measured on log-PPL). Budget: {args.eval_tokens:,} held-out "
+            f"tokens per PPL, {args.lastword_items} last-word items.\n\n" + "\n".join(lines)
             + f"\n\n{verdict}\n\n![recovery](recovery.png)\n")
     write_section(40, "recovery", "Knowledge-distillation recovery (lesson 07)", body)
 

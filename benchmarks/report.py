@@ -84,7 +84,8 @@ def build_report() -> Path:
         "`results/sections/`. Every number below was measured by the run that wrote it.\n\n"
         f"Machine: {machine_line()}.\n\n"
         "Profile: offline (SmolLM2-135M-Instruct as the Llama role; held-out text = the last 10 articles of the "
-        "gensim Wikipedia excerpt). Perplexity: non-overlapping 512-token windows over the whole held-out split. "
+        "gensim Wikipedia excerpt). Perplexity: non-overlapping 512-token windows over the whole held-out split, "
+        "or over its first N tokens where a section states a budget. "
         "Last-word accuracy: all generated held-out items. Speed: batch 1, 128-token prompt, 32 decoded tokens "
         "with the KV cache, median of 5 runs after a warm-up.\n"
     )
