@@ -86,7 +86,8 @@ def build_report() -> Path:
         "Profile: offline (SmolLM2-135M-Instruct as the Llama role; held-out text = the last 10 articles of the "
         "gensim Wikipedia excerpt). Perplexity: non-overlapping 512-token windows over the whole held-out split, "
         "or over its first N tokens where a section states a budget. "
-        "Last-word accuracy: all generated held-out items. Speed: batch 1, 128-token prompt, 32 decoded tokens "
+        "Last-word accuracy: all generated held-out items, or the first N where a section says so. "
+        "Speed: batch 1, 128-token prompt, 32 decoded tokens "
         "with the KV cache, median of 5 runs after a warm-up.\n"
     )
     body = "\n".join(path.read_text(encoding="utf-8") for path in sections)
