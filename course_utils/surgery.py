@@ -193,6 +193,15 @@ def obs_keep(model: nn.Module, index: int, stats: hooks.TokenStats, n_keep: int,
     bias = out.bias.detach().double() if out.bias is not None else torch.zeros(_linear_layout(out).shape[0],
                                                                              dtype=torch.float64)
     weight = torch.cat([_linear_layout(out).double(), bias[:, None].cpu()], dim=1)  # (hidden, width + 1)
+    return _obs_remove(weight, inverse, width, n_keep, chunk)
+
+
+def _obs_remove(weight: torch.Tensor, inverse: torch.Tensor, width: int, n_keep: int, chunk: int) -> torch.Tensor:
+    """The OBS loop: drop the ``chunk`` cheapest of the first ``width`` columns at a time until ``n_keep`` remain.
+
+    ``weight`` (out, width + 1) and ``inverse`` (width + 1, width + 1, the inverse Hessian) are updated in place;
+    the last column (the bias feature) is never removed. Returns the kept indices, sorted.
+    """
     alive = torch.ones(width, dtype=torch.bool)
     while int(alive.sum()) > n_keep:
         candidates = alive.nonzero().squeeze(1)
@@ -280,14 +289,26 @@ def refit_output(weight: torch.Tensor, bias: torch.Tensor | None, stats: hooks.T
     lhs[:k, :k] = moment[keep][:, keep]
     lhs[:k, k] = lhs[k, :k] = mean[keep]
     lhs[k, k] = 1.0
+    cross = torch.cat([moment[:, keep], mean[:, None]], dim=1)  # E[a x^T]: (width, k + 1)
+    new_weight, new_bias = _ridge_refit(lhs, (weight @ cross).T, weight[:, keep], ridge)
+    return new_weight, new_bias + (bias.double().cpu().float() if bias is not None else 0.0)
+
+
+def _ridge_refit(lhs: torch.Tensor, rhs: torch.Tensor, prior: torch.Tensor,
+                 ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve min E||t - (W' a + c)||^2 + ridge * s * ||W' - prior||^2 from moments of x = (a, 1).
+
+    ``lhs`` = E[x x^T] (k + 1, k + 1), ``rhs`` = E[x t^T] (k + 1, out), ``prior`` (out, k); s is the mean of
+    E[a_i^2]. Returns W' (out, k) and c (out,), float32.
+    """
+    k = prior.shape[1]
+    lhs = lhs.clone()
     damping = ridge * lhs.diagonal()[:k].mean()
     lhs[:k, :k] += damping * torch.eye(k, dtype=torch.float64)
-    cross = torch.cat([moment[:, keep], mean[:, None]], dim=1)  # E[a x^T]: (width, k + 1)
-    rhs = (weight @ cross).T  # (k + 1, hidden)
-    rhs[:k] += damping * weight[:, keep].T  # prior: the kept columns as they were
-    solution = torch.linalg.solve(lhs, rhs)  # (k + 1, hidden)
-    new_bias = solution[k] + (bias.double().cpu() if bias is not None else 0.0)
-    return solution[:k].T.float(), new_bias.float()
+    rhs = rhs.clone()
+    rhs[:k] += damping * prior.T.double()  # prior: the kept columns as they were
+    solution = torch.linalg.solve(lhs, rhs)  # (k + 1, out)
+    return solution[:k].T.float(), solution[k].float()
 
 
 def _linear_layout(module: nn.Module) -> torch.Tensor:
@@ -321,17 +342,29 @@ def _check_refit(model: nn.Module, keep_by_layer: dict[int, torch.Tensor],
 
 
 def remove_mlp_neurons(model: nn.Module, keep_by_layer: dict[int, torch.Tensor],
-                       refit: dict[int, hooks.TokenStats] | None = None) -> nn.Module:
+                       refit: dict[int, hooks.TokenStats] | None = None,
+                       outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
     """Keep only the given neurons of each listed layer's MLP (in place), update the config, return the model.
 
     With ``refit`` (per-layer activation stats with Gram matrices), the output projection of each
     pruned layer is refitted by least squares (``refit_output``) so the layer's output changes as
-    little as possible on the calibration tokens; the MLP then carries an output bias.
+    little as possible on the calibration tokens; the MLP then carries an output bias. ``outputs``
+    gives the new output projections directly ({layer: (weight (hidden, k), bias (hidden,))}, as
+    ``sequential_obs`` computes them).
     """
     spec = arch.get_spec(model)
     keep_by_layer = _check_keep(model, keep_by_layer)
     new_outputs = {}
-    if refit is not None:  # compute every refit before touching the model: a failed solve changes nothing
+    if outputs is not None:
+        for index, (weight, bias) in outputs.items():
+            hidden = _linear_layout(arch.mlp_parts(model, index).output).shape[0]
+            if index not in keep_by_layer or weight.shape != (hidden, keep_by_layer[index].numel()) \
+                    or bias.shape != (hidden,):
+                raise ValueError(f"layer {index}: outputs must be (weight (hidden, kept), bias (hidden,)) for a "
+                                 "layer listed in keep_by_layer")
+        new_outputs = dict(outputs)
+        _enable_mlp_bias(model)
+    elif refit is not None:  # compute every refit before touching the model: a failed solve changes nothing
         _check_refit(model, keep_by_layer, refit)
         for index, keep in keep_by_layer.items():
             out = arch.mlp_parts(model, index).output
@@ -354,8 +387,121 @@ def remove_mlp_neurons(model: nn.Module, keep_by_layer: dict[int, torch.Tensor],
     return model
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+def _hidden_out(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, calibration: list[dict]) -> list[tuple[torch.Tensor, dict]]:
+    """Per batch: the hidden states entering the first decoder layer and the keyword arguments it receives.
+
+    The forward pass stops there. Every decoder layer of the supported families takes the same keyword
+    arguments (attention mask, position embeddings), so a layer can then be run alone:
+    ``layer(hidden, **kwargs)``. (For models mixing sliding-window and full-attention layers the masks differ
+    only beyond the window, far longer than calibration samples.)
+    """
+    importance._check_batches(calibration, "layer_inputs")
+    captured = []
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.detach().clone(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _StopForward
+
+    device = next(model.parameters()).device
+    handle = arch.decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for batch in calibration:
+            try:
+                model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def sequential_obs(model: nn.Module, ratios: dict[int, float], calibration: list[dict], multiple_of: int = 1,
+                   chunk: int = 32, ridge: float = 1e-3, refit_ridge: float = 0.1
+                   ) -> tuple[dict[int, torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """OBS selection and refit layer by layer, each layer seeing the hidden states of the model pruned so far.
+
+    ``prune_mlp(method="obs")`` measures every layer on the unpruned model's activations, so each layer is
+    repaired for inputs it will never see once the layers before it are pruned. Here the calibration tokens
+    travel two streams through the decoder (as in SparseGPT, Frantar & Alistarh 2023): the unpruned model's,
+    and the pruned model's. At layer l the pruned stream gives the activations a of the (still whole) MLP,
+    and the target is the *unpruned* model's output of layer l, so the kept neurons also absorb the drift the
+    earlier layers introduced. The full least-squares solution of the output projection is computed,
+    ``_obs_remove`` drops neurons down to the kept width, the kept columns and a bias are refitted
+    (``_ridge_refit``, pulled towards the original columns by ``refit_ridge``), and the pruned stream moves on
+    through the pruned layer. The model is not modified: returns ({layer: kept indices}, {layer: (weight,
+    bias)}) for ``remove_mlp_neurons(model, keep, outputs=...)``. Cost: about two forward passes over the
+    calibration batches, plus one (width + 1)^2 Gram matrix per layer.
+    """
+    multiple_of = _check_multiple_of(multiple_of)
+    layers = arch.decoder_layers(model)
+    per_layer = _per_layer_ratios(ratios, range(len(layers)))
+    spec = arch.get_spec(model)
+    captured = layer_inputs(model, calibration)
+    masks = [batch["attention_mask"].bool() if "attention_mask" in batch else None for batch in calibration]
+    reference = [hidden for hidden, _ in captured]  # the unpruned model's stream
+    pruned = [hidden.clone() for hidden, _ in captured]  # the pruned model's stream
+    arguments = [kwargs for _, kwargs in captured]
+    keep_by_layer, outputs = {}, {}
+    for index, layer in enumerate(layers):
+        parts = arch.mlp_parts(model, index)
+        width = parts.width
+        n_keep = kept_width(width, per_layer[index], multiple_of)
+        reference = [_hidden_out(layer(h, **kw)) for h, kw in zip(reference, arguments, strict=True)]
+        activations, mlp_outputs = [], []
+        taps = [parts.output.register_forward_pre_hook(lambda m, args: activations.append(args[0])),
+                getattr(layer, spec.mlp).register_forward_hook(lambda m, a, out: mlp_outputs.append(_hidden_out(out)))]
+        try:
+            outs = [_hidden_out(layer(h, **kw)) for h, kw in zip(pruned, arguments, strict=True)]
+        finally:
+            for tap in taps:
+                tap.remove()
+        if n_keep >= width:
+            pruned = outs
+            continue
+        mids = [out - mlp_out for out, mlp_out in zip(outs, mlp_outputs, strict=True)]  # residual before the MLP
+        hidden = outs[0].shape[-1]
+        gram = torch.zeros(width + 1, width + 1, dtype=torch.float64)  # E[x x^T], x = (a, 1)
+        cross = torch.zeros(width + 1, hidden, dtype=torch.float64)  # E[x t^T], t = target MLP output
+        count = 0
+        for act, mid, target, mask in zip(activations, mids, reference, masks, strict=True):
+            x = hooks.select_tokens(act, mask).double()
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+            t = hooks.select_tokens(target - mid, mask).double()
+            gram += (x.T @ x).cpu()
+            cross += (x.T @ t).cpu()
+            count += x.shape[0]
+        gram, cross = gram / count, cross / count
+        out = parts.output
+        weight = _linear_layout(out).double().cpu()
+        bias = out.bias.detach().double().cpu() if out.bias is not None else torch.zeros(hidden, dtype=torch.float64)
+        original = torch.cat([weight, bias[:, None]], dim=1)  # (hidden, width + 1)
+        hessian = gram.clone()
+        hessian[range(width), range(width)] += ridge * gram.diagonal()[:width].mean()
+        rhs = cross + (hessian - gram) @ original.T  # ridge towards the original weights
+        full = torch.linalg.solve(hessian, rhs).T.contiguous()  # best full-width output projection
+        keep = _obs_remove(full, torch.linalg.inv(hessian), width, n_keep, chunk)
+        rows = torch.cat([keep, torch.tensor([width])])
+        new_weight, new_bias = _ridge_refit(gram[rows][:, rows], cross[rows], weight[:, keep], refit_ridge)
+        keep_by_layer[index], outputs[index] = keep, (new_weight, new_bias)
+        device = outs[0].device
+        w, c = new_weight.to(device, outs[0].dtype), new_bias.to(device, outs[0].dtype)
+        pruned = [mid + act[..., keep.to(device)] @ w.T + c for mid, act in zip(mids, activations, strict=True)]
+    return keep_by_layer, outputs
+
+
 ALLOCATIONS = ("uniform", "sensitivity")
-SELECTIONS = ("obs",)  # selection strategies usable as ``method`` besides the scores in importance.METHODS
+SELECTIONS = ("obs", "obs_sequential")  # selection strategies usable as ``method`` besides importance.METHODS
 
 
 def prune_mlp(model: nn.Module, ratio: float, method: str = "max_abs", calibration: list[dict] | None = None,
@@ -365,7 +511,9 @@ def prune_mlp(model: nn.Module, ratio: float, method: str = "max_abs", calibrati
     """Remove MLP neurons in place: ``ratio`` of them on average, lowest ``method`` scores first.
 
     - ``method``: a score from ``importance.METHODS``, or ``"obs"`` (Optimal Brain Surgeon selection,
-      ``obs_keep``; implies ``refit``).
+      ``obs_keep``; implies ``refit``), or ``"obs_sequential"`` (the same, layer by layer on the pruned
+      model's own activations, refitted towards the unpruned model's layer outputs: ``sequential_obs``;
+      needs ``calibration``, and is the most accurate choice here).
     - ``allocation``: ``"uniform"`` (each unprotected layer loses ``ratio``), ``"sensitivity"``
       (``layer_sensitivity`` measured on the calibration batches, then ``allocate_ratios`` with
       ``power``; the mean over all layers is ``ratio``), or a {layer: ratio} dict.
@@ -376,6 +524,9 @@ def prune_mlp(model: nn.Module, ratio: float, method: str = "max_abs", calibrati
     """
     arch.get_spec(model)
     ratio = check_ratio(ratio)
+    if method == "obs_sequential" and not calibration:
+        raise ValueError("method='obs_sequential' runs the calibration tokens through the model layer by layer: "
+                         "pass calibration=data.calibration_batches(...) (stats alone are not enough)")
     if method in SELECTIONS:
         refit = True
     elif stats is None:
@@ -386,7 +537,7 @@ def prune_mlp(model: nn.Module, ratio: float, method: str = "max_abs", calibrati
         _per_layer_ratios(allocation, range(arch.num_layers(model)))
     elif allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS} or a {{layer: ratio}} dict; got {allocation!r}")
-    needs_gram = refit or allocation == "sensitivity"
+    needs_gram = (refit and method != "obs_sequential") or allocation == "sensitivity"
     if needs_gram and not calibration and (stats is None or allocation == "sensitivity"):
         raise ValueError(f"method={method!r}, refit={refit}, allocation={allocation!r} needs calibration data: "
                          "pass calibration=data.calibration_batches(...)")
@@ -395,7 +546,8 @@ def prune_mlp(model: nn.Module, ratio: float, method: str = "max_abs", calibrati
         if needs_gram:
             _check_refit(model, {i: None for i in range(arch.num_layers(model))}, stats)
     else:
-        stats = importance.collect_stats(model, calibration, gram=needs_gram) if calibration else {}
+        wanted = calibration and (needs_gram or method not in SELECTIONS)
+        stats = importance.collect_stats(model, calibration, gram=needs_gram) if wanted else {}
     score_method = "wanda_like" if method in SELECTIONS else method
     if allocation == "sensitivity":
         sensitivity = layer_sensitivity(model, stats, calibration[:1], method=score_method)
@@ -404,7 +556,11 @@ def prune_mlp(model: nn.Module, ratio: float, method: str = "max_abs", calibrati
         ratios = dict(allocation)
     else:
         ratios = {i: (0.0 if i in protect else ratio) for i in range(arch.num_layers(model))}
-    if method in SELECTIONS:
+    outputs = None
+    if method == "obs_sequential":
+        ratios = {i: (0.0 if i in protect else r) for i, r in ratios.items()}
+        keep, outputs = sequential_obs(model, ratios, calibration, multiple_of=multiple_of)
+    elif method in SELECTIONS:
         keep = {}
         for i in range(arch.num_layers(model)):
             width = arch.mlp_parts(model, i).width
@@ -413,7 +569,11 @@ def prune_mlp(model: nn.Module, ratio: float, method: str = "max_abs", calibrati
     else:
         scores = importance.score_model(model, method, stats=stats)
         keep = select_neurons(scores, ratios, protect=protect, multiple_of=multiple_of)
-    remove_mlp_neurons(model, keep, refit=stats if refit else None)
+    if outputs is not None:
+        remove_mlp_neurons(model, keep, outputs=outputs)
+        keep = {i: keep.get(i, torch.arange(arch.mlp_parts(model, i).width)) for i in range(arch.num_layers(model))}
+    else:
+        remove_mlp_neurons(model, keep, refit=stats if refit else None)
     return PruneReport(method=method, ratio=ratio, params_before=params_before, params_after=count_parameters(model),
                        kept_width={i: int(k.numel()) for i, k in keep.items()})
 

@@ -346,3 +346,54 @@ def test_prune_mlp_refit_needs_calibration():
     with pytest.raises(ValueError, match="allocation must be one of"):
         surgery.prune_mlp(model, 0.2, method="l2", allocation="greedy")
     assert_unchanged(model, before)
+
+
+def _calibration_error(model: nn.Module, reference: torch.Tensor, batches: list[dict]) -> float:
+    with torch.no_grad():
+        out = model(**batches[0]).logits
+    real = batches[0]["attention_mask"].bool()
+    return (out - reference)[real].pow(2).mean().item()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_sequential_obs_on_the_first_layer_equals_obs(family):
+    """With only layer 0 pruned, both streams agree up to it, so the sequential method is plain OBS + refit."""
+    batches = _stats_with_gram(tiny_model(family))[1]
+    plain, sequential = tiny_model(family), tiny_model(family)
+    allocation = {0: 0.5, 1: 0.0}
+    surgery.prune_mlp(plain, 0.25, method="obs", calibration=batches, allocation=allocation)
+    surgery.prune_mlp(sequential, 0.25, method="obs_sequential", calibration=batches, allocation=allocation)
+    assert arch.mlp_parts(sequential, 0).width == arch.mlp_parts(plain, 0).width
+    assert arch.mlp_parts(sequential, 1).width == arch.mlp_parts(tiny_model(family), 1).width
+    torch.testing.assert_close(logits(sequential), logits(plain), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_sequential_obs_tracks_the_unpruned_model_better(family, tmp_path):
+    """Pruning every layer: refitting towards the unpruned outputs on the pruned model's own inputs wins."""
+    from course_utils import models
+
+    batches = _stats_with_gram(tiny_model(family))[1]
+    base = tiny_model(family)
+    with torch.no_grad():
+        reference = base(**batches[0]).logits
+    plain, sequential = tiny_model(family), tiny_model(family)
+    surgery.prune_mlp(plain, 0.5, method="obs", calibration=batches)
+    report = surgery.prune_mlp(sequential, 0.5, method="obs_sequential", calibration=batches)
+    assert set(report.kept_width.values()) == {arch.mlp_parts(plain, 0).width}
+    assert _calibration_error(sequential, reference, batches) < _calibration_error(plain, reference, batches)
+    path = models.save_pruned(sequential, word_tokenizer(), tmp_path / "sequential")
+    reloaded = AutoModelForCausalLM.from_pretrained(path)  # uniform widths: a stock model
+    torch.testing.assert_close(logits(reloaded), logits(sequential), rtol=0, atol=0)
+
+
+def test_sequential_obs_needs_calibration_and_checks_outputs():
+    model = tiny_model("llama")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="obs_sequential.*calibration"):
+        surgery.prune_mlp(model, 0.2, method="obs_sequential", stats=_stats_with_gram(model)[0])
+    with pytest.raises(ValueError, match="outputs must be"):
+        surgery.remove_mlp_neurons(model, {0: torch.arange(10)}, outputs={0: (torch.zeros(32, 9), torch.zeros(32))})
+    with pytest.raises(ValueError, match="outputs must be"):
+        surgery.remove_mlp_neurons(model, {0: torch.arange(10)}, outputs={1: (torch.zeros(32, 10), torch.zeros(32))})
+    assert_unchanged(model, before)
