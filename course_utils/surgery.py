@@ -134,15 +134,19 @@ def allocate_ratios(sensitivity: torch.Tensor, ratio: float, power: float = 2.0,
 
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, stats: dict[int, hooks.TokenStats], calibration: list[dict],
-                      probe_ratio: float = 0.5, method: str = "wanda_like") -> torch.Tensor:
+                      probe_ratio: float = 0.5, method: str = "wanda_like", refit: bool = False) -> torch.Tensor:
     """Loss increase (nats/token on ``calibration``) when each layer alone loses ``probe_ratio`` of its neurons.
 
     The probe silences the lowest-``method`` neurons with a temporary hook (no copy, no surgery),
-    replacing them by their mean activation; the model is unchanged afterwards.
+    replacing them by their mean activation; the model is unchanged afterwards. With ``refit`` (needs
+    Gram matrices in ``stats``) the probe instead lets the kept neurons compensate (``refit_output``), so
+    it measures what a layer costs a refitted model: the right yardstick for refit and OBS pruning.
     """
     check_ratio(probe_ratio)
     if not calibration:
         raise ValueError("layer_sensitivity needs calibration batches (data.calibration_batches(...))")
+    if refit:
+        _check_refit(model, {i: None for i in range(arch.num_layers(model))}, stats)
     device = next(model.parameters()).device
 
     def loss() -> float:
@@ -161,7 +165,18 @@ def layer_sensitivity(model: nn.Module, stats: dict[int, hooks.TokenStats], cali
             x[..., dropped] = mean[dropped].to(x.dtype)
             return (x,)
 
-        handle = arch.mlp_parts(model, index).output.register_forward_pre_hook(silence)
+        output = arch.mlp_parts(model, index).output
+        if refit:
+            keep = scores.argsort()[n_drop:].sort().values
+            weight, bias = refit_output(_linear_layout(output), output.bias, stats[index], keep)
+            keep, weight, bias = keep.to(device), weight.to(device), bias.to(device)
+
+            def compensate(module, args, out, keep=keep, weight=weight, bias=bias):
+                return args[0][..., keep] @ weight.T.to(out.dtype) + bias.to(out.dtype)
+
+            handle = output.register_forward_hook(compensate)
+        else:
+            handle = output.register_forward_pre_hook(silence)
         try:
             result[index] = loss() - base
         finally:
@@ -515,8 +530,9 @@ def prune_mlp(model: nn.Module, ratio: float, method: str = "max_abs", calibrati
       model's own activations, refitted towards the unpruned model's layer outputs: ``sequential_obs``;
       needs ``calibration``, and is the most accurate choice here).
     - ``allocation``: ``"uniform"`` (each unprotected layer loses ``ratio``), ``"sensitivity"``
-      (``layer_sensitivity`` measured on the calibration batches, then ``allocate_ratios`` with
-      ``power``; the mean over all layers is ``ratio``), or a {layer: ratio} dict.
+      (``layer_sensitivity`` measured on the first calibration batch, with a refitted probe when the
+      method refits, then ``allocate_ratios`` with ``power``; the mean over all layers is ``ratio``), or a
+      {layer: ratio} dict.
     - ``refit``: least-squares refit of each pruned layer's output projection (``refit_output``).
     - ``stats``: activation statistics already collected on this model (``importance.collect_stats``,
       with ``gram=True`` for refit/OBS/sensitivity) to skip the calibration pass.
@@ -550,7 +566,7 @@ def prune_mlp(model: nn.Module, ratio: float, method: str = "max_abs", calibrati
         stats = importance.collect_stats(model, calibration, gram=needs_gram) if wanted else {}
     score_method = "wanda_like" if method in SELECTIONS else method
     if allocation == "sensitivity":
-        sensitivity = layer_sensitivity(model, stats, calibration[:1], method=score_method)
+        sensitivity = layer_sensitivity(model, stats, calibration[:1], method=score_method, refit=refit)
         ratios = allocate_ratios(sensitivity, ratio, power=power, protect=protect)
     elif isinstance(allocation, dict):
         ratios = dict(allocation)

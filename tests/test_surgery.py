@@ -397,3 +397,25 @@ def test_sequential_obs_needs_calibration_and_checks_outputs():
     with pytest.raises(ValueError, match="outputs must be"):
         surgery.remove_mlp_neurons(model, {0: torch.arange(10)}, outputs={1: (torch.zeros(32, 10), torch.zeros(32))})
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_layer_sensitivity_refit_probe_matches_real_surgery(family):
+    """The refit probe measures exactly what cutting that layer's weakest half and refitting it costs."""
+    from course_utils import evaluation, hooks, importance
+
+    model = tiny_model(family)
+    stats, batches = _stats_with_gram(model)
+    before = snapshot(model)
+    sensitivity = surgery.layer_sensitivity(model, stats, batches, probe_ratio=0.5, refit=True)
+    assert hooks.count_hooks(model) == 0
+    assert_unchanged(model, before)
+    base_loss = evaluation.calibration_loss(model, batches)
+    for index in range(2):
+        scores = importance.score_layer(model, index, "wanda_like", stats[index])
+        pruned = tiny_model(family)
+        surgery.remove_mlp_neurons(pruned, surgery.select_neurons({index: scores}, 0.5), refit=stats)
+        assert sensitivity[index].item() == pytest.approx(evaluation.calibration_loss(pruned, batches) - base_loss,
+                                                          abs=1e-5)
+    with pytest.raises(ValueError, match="Gram matrix"):
+        surgery.layer_sensitivity(model, importance.collect_stats(model, batches), batches, refit=True)
