@@ -218,3 +218,15 @@ def intermediate_size(model: nn.Module) -> int:
     spec = get_spec(model)
     value = getattr(model.config, spec.intermediate_key, None)
     return value if value is not None else 4 * getattr(model.config, spec.hidden_key)
+
+
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """Keyword arguments that hand ``cache`` (a transformers ``Cache``) to ``model(...)`` for reuse.
+
+    transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache``; this picks
+    whichever name ``model.forward`` declares, so the same call works on either side of the rename.
+    """
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}

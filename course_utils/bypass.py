@@ -45,11 +45,13 @@ class AttentionBypass(nn.Module):
         self.inner = inner
         self.active = True
 
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         if self.inner is not None and not self.active:
-            return self.inner(hidden_states, *args, past_key_values=past_key_values, **kwargs)
-        if past_key_values is not None:
-            cache = getattr(past_key_values, "self_attention_cache", past_key_values)
+            return self.inner(hidden_states, *args, **kwargs)
+        # The KV cache arrives as ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier 5.x).
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            cache = getattr(cache, "self_attention_cache", cache)
             batch, seq = hidden_states.shape[:2]
             placeholder = hidden_states.new_zeros(batch, 1, seq, 1)  # (batch, 1 head, seq, 1 dim): counts tokens
             cache.update(placeholder, placeholder, self.layer_idx)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import arch
 from .data import load_texts, token_stream, write_jsonl
 from .profiles import Profile, cache_dir, get_profile
 
@@ -268,12 +269,12 @@ def latency(model: nn.Module, tokenizer=None, prompt_tokens: int = 128, new_toke
         cache = DynamicCache(config=model.config)
         sync()
         t0 = time.perf_counter()
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        out = model(input_ids=prompt, **arch.cache_kwargs(model, cache))
         sync()
         t1 = time.perf_counter()
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=token, **arch.cache_kwargs(model, cache))  # the cache grows in place
             token = out.logits[:, -1:].argmax(-1)
         sync()
         t2 = time.perf_counter()

@@ -74,11 +74,23 @@ def test_bypassed_layers_keep_no_keys_or_values():
     bypass.bypass_attention(model, [0])
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(IDS[:1], past_key_values=cache, use_cache=True)
+        model(IDS[:1], **arch.cache_kwargs(model, cache))
     assert cache.layers[0].keys.shape == (1, 1, IDS.shape[1], 1)  # the position counter only
     assert cache.layers[1].keys.shape == (1, 2, IDS.shape[1], 8)  # real keys: 2 KV heads of 8 dims
     assert cache.get_seq_length() == IDS.shape[1]
 
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_bypass_counts_positions_under_either_cache_argument_name(name):
+    # transformers 5.24 renamed past_key_values to cache; the bypass must fill the slot under both names
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    hidden = torch.randn(2, 5, 16)
+    out, weights = bypass.AttentionBypass(layer_idx=0)(hidden, **{name: cache})
+    assert weights is None and torch.equal(out, torch.zeros_like(hidden))
+    assert cache.get_seq_length() == 5
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_and_load_pruned_round_trip(family, tmp_path):
