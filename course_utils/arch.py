@@ -8,6 +8,7 @@ one new ``ArchSpec`` entry in ``SPECS``.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
@@ -226,7 +227,5 @@ def cache_kwargs(model: nn.Module, cache) -> dict:
     transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache``; this picks
     whichever name ``model.forward`` declares, so the same call works on either side of the rename.
     """
-    import inspect
-
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     return {name: cache, "use_cache": True}
