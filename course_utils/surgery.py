@@ -132,6 +132,67 @@ def allocate_ratios(sensitivity: torch.Tensor, ratio: float, power: float = 2.0,
     return {i: float(r) for i, r in enumerate(ratios)}
 
 
+CURVE_GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75)
+
+
+def damage_curves(model: nn.Module, stats: dict[int, hooks.TokenStats], calibration: list[dict],
+                  grid: Iterable[float] = CURVE_GRID, refit: bool = True, method: str = "wanda_like") -> torch.Tensor:
+    """(layers, len(grid)) loss increases: ``layer_sensitivity`` at every probe ratio of ``grid``.
+
+    Row l is layer l's measured damage curve: what removing each fraction of its neurons alone costs on
+    ``calibration`` (use batches kept apart from the ones ``stats`` came from). ``allocate_from_curves`` turns
+    the curves into per-layer ratios. Cost: len(grid) x layers loss evaluations on ``calibration``.
+    """
+    grid = [check_ratio(g) for g in grid]
+    if not grid or any(b <= a for a, b in zip(grid, grid[1:], strict=False)) or grid[0] <= 0:
+        raise ValueError(f"grid must be increasing ratios in (0, 1); got {grid}")
+    return torch.stack([layer_sensitivity(model, stats, calibration, probe_ratio=g, method=method, refit=refit)
+                        for g in grid], dim=1)
+
+
+def allocate_from_curves(damage: torch.Tensor, ratio: float, grid: Iterable[float] = CURVE_GRID,
+                         max_ratio: float = 0.85, protect: Iterable[int] = ()) -> dict[int, float]:
+    """Per-layer ratios with mean ``ratio`` that minimise the total of the measured damage curves.
+
+    Each layer's curve (``damage[l]`` at the ``grid`` ratios, 0 at ratio 0) is replaced by its lower convex
+    hull; the hull segments of all layers are then taken cheapest first (damage per unit of ratio) until
+    the mean ratio is reached, the last one partly. For convex piecewise-linear curves this is the exact
+    minimum of sum_l D_l(r_l) at mean r = ``ratio`` (a fractional knapsack), assuming the layers' damages add
+    up. Layers in ``protect`` keep every neuron; no layer goes past ``max_ratio`` or the last grid ratio.
+    """
+    ratio = check_ratio(ratio)
+    grid = [float(g) for g in grid]
+    if damage.ndim != 2 or damage.shape[1] != len(grid):
+        raise ValueError(f"damage must be (layers, {len(grid)}) to match grid; got {tuple(damage.shape)}")
+    protect = set(protect)
+    n = damage.shape[0]
+    segments = []  # (damage per unit ratio, layer, length)
+    for index in range(n):
+        if index in protect:
+            continue
+        hull = [(0.0, 0.0)]
+        points = [(g, float(d)) for g, d in zip(grid, damage[index].tolist(), strict=True) if g <= max_ratio + 1e-9]
+        for point in points:
+            while len(hull) >= 2 and ((hull[-1][1] - hull[-2][1]) * (point[0] - hull[-2][0])
+                                      >= (point[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0])):
+                hull.pop()  # hull[-1] lies on or above the chord from hull[-2] to point
+            hull.append(point)
+        segments += [((y1 - y0) / (x1 - x0), index, x1 - x0) for (x0, y0), (x1, y1)
+                     in zip(hull, hull[1:], strict=False)]
+    budget = ratio * n
+    if sum(length for *_, length in segments) < budget - 1e-9:
+        raise ValueError(f"cannot remove a mean {ratio:.0%} of neurons: the unprotected layers' curves reach "
+                         f"{min(max_ratio, grid[-1]):.0%} at most; extend grid or protect fewer layers")
+    ratios = [0.0] * n
+    for _cost, index, length in sorted(segments):
+        take = min(length, budget)
+        ratios[index] += take
+        budget -= take
+        if budget <= 1e-12:
+            break
+    return {i: float(r) for i, r in enumerate(ratios)}
+
+
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, stats: dict[int, hooks.TokenStats], calibration: list[dict],
                       probe_ratio: float = 0.5, method: str = "wanda_like", refit: bool = False) -> torch.Tensor:
@@ -297,7 +358,8 @@ def refit_output(weight: torch.Tensor, bias: torch.Tensor | None, stats: hooks.T
     W' towards the plain slice, so a large ``ridge`` means "no refit" and a small one trusts the data.
     ``weight`` is (hidden, width) (``nn.Linear`` layout); returns W' (hidden, k) and c (hidden,), float32.
     """
-    moment, mean = stats.second_moment, (stats.sum / stats.count).double()  # (width, width), (width,)
+    moment = stats.second_moment.double().cpu()  # (width, width); stats may live on the GPU
+    mean = (stats.sum / stats.count).double().cpu()  # (width,)
     k = keep.numel()
     weight = weight.double().cpu()
     lhs = torch.empty(k + 1, k + 1, dtype=torch.float64)  # E[x x^T] with x = (a_keep, 1)
@@ -329,6 +391,13 @@ def _ridge_refit(lhs: torch.Tensor, rhs: torch.Tensor, prior: torch.Tensor,
 def _linear_layout(module: nn.Module) -> torch.Tensor:
     """An output projection's weight as (out, in), whatever its storage (Conv1D stores (in, out))."""
     return module.weight.detach() if isinstance(module, nn.Linear) else module.weight.detach().T
+
+
+def _write_output(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Copy a (hidden, width) weight and a (hidden,) bias into an output projection, whatever its layout."""
+    weight = weight if isinstance(module, nn.Linear) else weight.T  # Conv1D stores (in, out)
+    module.weight.data.copy_(weight.to(module.weight.dtype))
+    module.bias.data.copy_(bias.to(module.bias.dtype))
 
 
 def _enable_mlp_bias(model: nn.Module) -> None:
@@ -392,9 +461,7 @@ def remove_mlp_neurons(model: nn.Module, keep_by_layer: dict[int, torch.Tensor],
         out = _sliced(getattr(mlp, spec.mlp_output), keep, neurons_out=False)
         if index in new_outputs:
             weight, bias = new_outputs[index]  # (hidden, k) and (hidden,)
-            weight = weight if isinstance(out, nn.Linear) else weight.T  # Conv1D stores (in, out)
-            out.weight.data.copy_(weight.to(out.weight.dtype))
-            out.bias.data.copy_(bias.to(out.bias.dtype))
+            _write_output(out, weight, bias)
         setattr(mlp, spec.mlp_output, out)
         if hasattr(mlp, "intermediate_size"):  # Llama's MLP records its width
             mlp.intermediate_size = keep.numel()
@@ -440,6 +507,43 @@ def layer_inputs(model: nn.Module, calibration: list[dict]) -> list[tuple[torch.
     return captured
 
 
+def _output_moments(activations: list[torch.Tensor], mids: list[torch.Tensor], targets: list[torch.Tensor],
+                    masks: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """E[x x^T] and E[x t^T] over real tokens, x = (a, 1), t = target - mid: what an MLP output projection must write.
+
+    Per batch: ``activations`` (the output projection's inputs a), ``mids`` (the residual stream just before the
+    MLP adds its output), ``targets`` (the layer output wanted). float64 on the CPU.
+    """
+    width, hidden = activations[0].shape[-1], mids[0].shape[-1]
+    gram = torch.zeros(width + 1, width + 1, dtype=torch.float64)
+    cross = torch.zeros(width + 1, hidden, dtype=torch.float64)
+    count = 0
+    for act, mid, target, mask in zip(activations, mids, targets, masks, strict=True):
+        x = hooks.select_tokens(act, mask).double()
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+        t = hooks.select_tokens(target - mid, mask).double()
+        gram += (x.T @ x).cpu()
+        cross += (x.T @ t).cpu()
+        count += x.shape[0]
+    return gram / count, cross / count
+
+
+def _run_tapped(model: nn.Module, index: int, stream: list[torch.Tensor], arguments: list[dict]
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Run decoder layer ``index`` on ``stream``: (outputs, output-projection inputs, residual before the MLP)."""
+    spec = arch.get_spec(model)
+    layer = arch.decoder_layers(model)[index]
+    activations, mlp_outputs = [], []
+    taps = [arch.mlp_parts(model, index).output.register_forward_pre_hook(lambda m, args: activations.append(args[0])),
+            getattr(layer, spec.mlp).register_forward_hook(lambda m, a, out: mlp_outputs.append(_hidden_out(out)))]
+    try:
+        outs = [_hidden_out(layer(h, **kw)) for h, kw in zip(stream, arguments, strict=True)]
+    finally:
+        for tap in taps:
+            tap.remove()
+    return outs, activations, [out - m for out, m in zip(outs, mlp_outputs, strict=True)]
+
+
 @torch.no_grad()
 def sequential_obs(model: nn.Module, ratios: dict[int, float], calibration: list[dict], multiple_of: int = 1,
                    chunk: int = 32, ridge: float = 1e-3, refit_ridge: float = 0.1
@@ -461,7 +565,6 @@ def sequential_obs(model: nn.Module, ratios: dict[int, float], calibration: list
     multiple_of = _check_multiple_of(multiple_of)
     layers = arch.decoder_layers(model)
     per_layer = _per_layer_ratios(ratios, range(len(layers)))
-    spec = arch.get_spec(model)
     captured = layer_inputs(model, calibration)
     masks = [batch["attention_mask"].bool() if "attention_mask" in batch else None for batch in calibration]
     reference = [hidden for hidden, _ in captured]  # the unpruned model's stream
@@ -473,30 +576,12 @@ def sequential_obs(model: nn.Module, ratios: dict[int, float], calibration: list
         width = parts.width
         n_keep = kept_width(width, per_layer[index], multiple_of)
         reference = [_hidden_out(layer(h, **kw)) for h, kw in zip(reference, arguments, strict=True)]
-        activations, mlp_outputs = [], []
-        taps = [parts.output.register_forward_pre_hook(lambda m, args: activations.append(args[0])),
-                getattr(layer, spec.mlp).register_forward_hook(lambda m, a, out: mlp_outputs.append(_hidden_out(out)))]
-        try:
-            outs = [_hidden_out(layer(h, **kw)) for h, kw in zip(pruned, arguments, strict=True)]
-        finally:
-            for tap in taps:
-                tap.remove()
+        outs, activations, mids = _run_tapped(model, index, pruned, arguments)
         if n_keep >= width:
             pruned = outs
             continue
-        mids = [out - mlp_out for out, mlp_out in zip(outs, mlp_outputs, strict=True)]  # residual before the MLP
         hidden = outs[0].shape[-1]
-        gram = torch.zeros(width + 1, width + 1, dtype=torch.float64)  # E[x x^T], x = (a, 1)
-        cross = torch.zeros(width + 1, hidden, dtype=torch.float64)  # E[x t^T], t = target MLP output
-        count = 0
-        for act, mid, target, mask in zip(activations, mids, reference, masks, strict=True):
-            x = hooks.select_tokens(act, mask).double()
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
-            t = hooks.select_tokens(target - mid, mask).double()
-            gram += (x.T @ x).cpu()
-            cross += (x.T @ t).cpu()
-            count += x.shape[0]
-        gram, cross = gram / count, cross / count
+        gram, cross = _output_moments(activations, mids, reference, masks)
         out = parts.output
         weight = _linear_layout(out).double().cpu()
         bias = out.bias.detach().double().cpu() if out.bias is not None else torch.zeros(hidden, dtype=torch.float64)
@@ -694,6 +779,46 @@ def linear_replacements(model: nn.Module, runs: list[tuple[int, int]], calibrati
     return maps
 
 
+@torch.no_grad()
+def refit_after_removal(model: nn.Module, indices: Iterable[int], calibration: list[dict], ridge: float = 0.1
+                        ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """New MLP output projections for the layers that stay when ``indices`` go, so the pruned model tracks the original.
+
+    The two-stream procedure of ``sequential_obs`` applied to depth pruning: the calibration tokens run through
+    the original decoder and through the decoder without ``indices``. Each kept layer's output projection (all
+    its neurons, plus a bias) is refitted by least squares (``_ridge_refit``, pulled towards the current weights
+    by ``ridge``) so that, on the pruned stream, the layer writes what the *original* model has in its residual
+    stream just before the next kept layer: the layer before a removed run learns to stand in for the run (this
+    contains ReplaceMe's linear map as a special case), and every later layer absorbs the drift. Closed form,
+    one (width + 1)^2 Gram matrix per kept layer, about two forward passes. The model is not modified: returns
+    {original layer index: (weight (hidden, width), bias (hidden,))}; ``drop_layers(..., refit=True)`` applies it.
+    """
+    drop = set(check_layer_set(model, indices))
+    importance._check_batches(calibration, "refit_after_removal")
+    n = arch.num_layers(model)
+    kept = [i for i in range(n) if i not in drop]
+    target_of = {i: (kept[j + 1] - 1 if j + 1 < len(kept) else n - 1) for j, i in enumerate(kept)}
+    layers = arch.decoder_layers(model)
+    captured = layer_inputs(model, calibration)
+    masks = [batch["attention_mask"].bool() if "attention_mask" in batch else None for batch in calibration]
+    arguments = [kwargs for _, kwargs in captured]
+    reference = [hidden for hidden, _ in captured]  # the original model's stream
+    pruned = [hidden.clone() for hidden, _ in captured]  # the stream without the dropped layers
+    done, outputs = -1, {}
+    for index in kept:
+        while done < target_of[index]:  # the original stream runs ahead to the output the layer must match
+            done += 1
+            reference = [_hidden_out(layers[done](h, **kw)) for h, kw in zip(reference, arguments, strict=True)]
+        _, activations, mids = _run_tapped(model, index, pruned, arguments)
+        gram, cross = _output_moments(activations, mids, reference, masks)
+        out = arch.mlp_parts(model, index).output
+        weight, bias = _ridge_refit(gram, cross, _linear_layout(out).double().cpu(), ridge)
+        outputs[index] = (weight, bias)
+        w, c = weight.to(mids[0].device, mids[0].dtype), bias.to(mids[0].device, mids[0].dtype)
+        pruned = [mid + act @ w.T + c for mid, act in zip(mids, activations, strict=True)]
+    return outputs
+
+
 def _fold_map(model: nn.Module, index: int, transform: torch.Tensor) -> None:
     """Multiply the output of layer ``index``'s MLP by ``transform`` (hidden, hidden), inside its output projection."""
     proj = arch.mlp_parts(model, index).output
@@ -708,13 +833,16 @@ def _fold_map(model: nn.Module, index: int, transform: torch.Tensor) -> None:
 
 
 def drop_layers(model: nn.Module, indices: Iterable[int], calibration: list[dict] | None = None,
-                ridge: float = 0.01) -> nn.Module:
+                ridge: float = 0.01, refit: bool = False, refit_ridge: float = 0.1) -> nn.Module:
     """Remove decoder layers ``indices`` in place; renumber the rest so the KV cache stays consistent.
 
     Updates the layer count and every per-layer config list (e.g. ``layer_types``); a model saved
     afterwards reloads with plain ``from_pretrained`` (unless other surgery needs ``load_pruned``).
     With ``calibration``, each run of removed layers is replaced by a linear map folded into the MLP
     before it (``linear_replacements``, ReplaceMe): still a stock model, usually a much smaller loss.
+    With ``calibration`` and ``refit=True``, every kept layer's MLP output projection is refitted instead
+    (``refit_after_removal``, two streams, ``refit_ridge``): the strongest choice measured here; the MLPs then
+    carry a bias (a stock config flag for Llama, ``mlp_bias``).
     Bad indices (out of range, duplicates, every layer) raise ``ValueError`` and leave the model as it was.
     """
     spec = arch.get_spec(model)
@@ -724,7 +852,14 @@ def drop_layers(model: nn.Module, indices: Iterable[int], calibration: list[dict
                          "differently after reload; depth pruning is not supported for it")
     if calibration is not None and not calibration:
         raise ValueError("calibration is empty: pass data.calibration_batches(...) or None for a plain drop")
-    if calibration:
+    if refit and not calibration:
+        raise ValueError("refit=True fits the kept layers on calibration tokens: pass calibration=...")
+    if refit:
+        outputs = refit_after_removal(model, drop, calibration, refit_ridge)  # computed before anything changes
+        _enable_mlp_bias(model)
+        for index, (weight, bias) in outputs.items():
+            _write_output(arch.mlp_parts(model, index).output, weight, bias)
+    elif calibration:
         for first, transform in linear_replacements(model, contiguous_runs(drop), calibration, ridge).items():
             _fold_map(model, first - 1, transform)
     layers = arch.decoder_layers(model)

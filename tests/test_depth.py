@@ -225,3 +225,43 @@ def test_greedy_layers_takes_identity_layers_first_and_returns_the_order_of_choi
     assert shortlist[0] == 2 and set(shortlist) == {1, 2}
     with pytest.raises(ValueError, match="k must be"):
         importance.greedy_layers(model, importance.block_influence, 4, [padded_batch()])
+
+
+# ---- refitting the kept layers after a removal ---------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_refit_after_removal_beats_the_linear_replacement_and_reloads(family, tmp_path):
+    original = deep(family)
+    batches = [padded_batch(seed=s, batch=4, seq=12) for s in range(4)]
+    replaced = surgery.drop_layers(deep(family), [1, 2], calibration=batches)
+    refitted = surgery.drop_layers(deep(family), [1, 2], calibration=batches, refit=True)
+    assert arch.num_layers(refitted) == 2
+    # the layer before the run stands in for it, and the last layer tracks the original's last layer
+    assert _block_error(refitted, 0, original, 2, batches[0]) < _block_error(replaced, 0, original, 2, batches[0])
+    assert _block_error(refitted, 1, original, 3, batches[0]) < _block_error(replaced, 1, original, 3, batches[0])
+    refitted.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded), logits(refitted))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_refit_after_dropping_an_identity_layer_keeps_the_logits(family):
+    """Nothing changed in the stream, so the least-squares refit returns the weights it started from."""
+    model = deep(family)
+    make_identity(model, 2)
+    before = logits(model)
+    surgery.drop_layers(model, [2], calibration=[padded_batch(seed=s, batch=4, seq=12) for s in range(3)],
+                        refit=True)
+    torch.testing.assert_close(logits(model), before, atol=1e-4, rtol=1e-4)
+
+
+def test_refit_needs_calibration_and_leaves_the_model_intact():
+    model = deep("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="refit=True"):
+        surgery.drop_layers(model, [1], refit=True)
+    with pytest.raises(ValueError, match="layer index"):
+        surgery.drop_layers(model, [7], calibration=[padded_batch()], refit=True)
+    assert arch.num_layers(model) == 4 and model.config.mlp_bias is False
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -419,3 +419,49 @@ def test_layer_sensitivity_refit_probe_matches_real_surgery(family):
                                                           abs=1e-5)
     with pytest.raises(ValueError, match="Gram matrix"):
         surgery.layer_sensitivity(model, importance.collect_stats(model, batches), batches, refit=True)
+
+
+# ---- allocation from measured damage curves ------------------------------------------------------
+
+GRID = [0.1, 0.2, 0.5]
+
+
+def test_allocate_from_curves_spends_the_budget_where_damage_is_cheapest():
+    damage = torch.tensor([[0.01, 0.02, 0.05],  # cheap everywhere
+                           [1.0, 2.0, 5.0],  # expensive
+                           [0.02, 0.04, 0.1]])  # in between
+    ratios = surgery.allocate_from_curves(damage, 0.2, grid=GRID)
+    assert sum(ratios.values()) / 3 == pytest.approx(0.2)
+    assert ratios[0] >= ratios[2] >= ratios[1]
+    assert ratios[0] == pytest.approx(0.5) and ratios[1] == 0.0
+    protected = surgery.allocate_from_curves(damage, 0.2, grid=GRID, protect=[0])
+    assert protected[0] == 0.0 and sum(protected.values()) / 3 == pytest.approx(0.2)
+
+
+def test_allocate_from_curves_uses_the_lower_convex_hull():
+    """A layer whose curve is flat up to 0.2 and then jumps: the hull makes 0.2 the natural stop."""
+    damage = torch.tensor([[0.3, 0.3, 3.0],  # 0.1 costs as much as 0.2: never stop at 0.1
+                           [0.5, 1.0, 2.5]])  # linear, slope 5
+    ratios = surgery.allocate_from_curves(damage, 0.1, grid=GRID)
+    assert ratios[0] == pytest.approx(0.2) and ratios[1] == pytest.approx(0.0)
+
+
+def test_allocate_from_curves_rejects_bad_input():
+    damage = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="match grid"):
+        surgery.allocate_from_curves(damage, 0.1, grid=[0.1, 0.2])
+    with pytest.raises(ValueError, match="cannot remove a mean"):
+        surgery.allocate_from_curves(damage, 0.4, grid=GRID, protect=[0])
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        surgery.allocate_from_curves(damage, 1.0, grid=GRID)
+
+
+def test_damage_curves_are_layer_sensitivity_at_each_grid_ratio():
+    model = tiny_model("llama")
+    stats, batches = _stats_with_gram(model)
+    curves = surgery.damage_curves(model, stats, batches, grid=GRID)
+    assert curves.shape == (2, 3)
+    middle = surgery.layer_sensitivity(model, stats, batches, probe_ratio=0.2, refit=True)
+    torch.testing.assert_close(curves[:, 1], middle)
+    with pytest.raises(ValueError, match="increasing"):
+        surgery.damage_curves(model, stats, batches, grid=[0.5, 0.2])
