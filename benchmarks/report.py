@@ -23,7 +23,7 @@ def write_section(order: int, name: str, title: str, body: str) -> Path:
     SECTIONS.mkdir(parents=True, exist_ok=True)
     path = SECTIONS / f"{order:02d}_{name}.md"
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    path.write_text(f"## {title}\n\n_Measured {stamp}._\n\n{body.strip()}\n", encoding="utf-8")
+    path.write_text(f"## {title}\n\n_Measured {stamp} on {machine_line()}._\n\n{body.strip()}\n", encoding="utf-8")
     return path
 
 
@@ -81,8 +81,8 @@ def build_report() -> Path:
     header = (
         "# Results report\n\n"
         "Written by `make course` (benchmarks/report.py) from the sections each benchmark script stores in "
-        "`results/sections/`. Every number below was measured by the run that wrote it.\n\n"
-        f"Machine: {machine_line()}.\n\n"
+        "`results/sections/`. Every number below was measured by the run that wrote it, on the machine its "
+        "section names (speed ratios compare rows of one section, measured in one run).\n\n"
         "Profile: offline (SmolLM2-135M-Instruct as the Llama role; held-out text = the last 10 articles of the "
         "gensim Wikipedia excerpt). Perplexity: non-overlapping 512-token windows over the whole held-out split, "
         "or over its first N tokens where a section states a budget. "

@@ -6,9 +6,11 @@ OptiPFair (the seeds' author's library) runs side by side on the same model copy
 held-out text; its best mode is the calibration-based "hybrid" (``neuron_selection_method="MAW"``
 with a dataloader). The course's method: OBS selection + least-squares refit done layer by layer on the
 pruned model's own activations, towards the unpruned model's layer outputs (``method="obs_sequential"``),
-with per-layer ratios from measured layer sensitivity; the same selection in one pass over the unpruned
-model's activations (``method="obs"``) is shown next to it. The report states whether its PPL increase
-is at most half of OptiPFair's at each ratio.
+with per-layer ratios from measured damage curves: each layer's calibration-loss increase when it alone loses
+5 ... 75 % of its neurons (refitted), on a 16 x 256-token probe drawn apart from the fitting batches
+(``surgery.damage_curves``), then the allocation that minimises the summed curves (``surgery.allocate_from_curves``).
+The same selection in one pass over the unpruned model's activations (``method="obs"``) is shown next to it.
+The report states whether its PPL increase is at most half of OptiPFair's at each ratio.
 
 Run: ``python benchmarks/width.py [--eval-tokens 16384] [--lastword-items 100]`` (``make benchmarks``).
 """
@@ -25,14 +27,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from report import RESULTS, start_run, write_section  # noqa: E402
 
-from course_utils import evaluation, importance, models, surgery  # noqa: E402
+from course_utils import data, evaluation, importance, models, surgery  # noqa: E402
 
 RATIOS = (0.1, 0.2, 0.4)
-COURSE = "course: sequential obs + refit + allocation"
-ONE_PASS = "obs + refit + allocation (one pass)"
-# allocate_ratios' damage model s_l * r^power. Chosen in a scratch probe (not this script's run) at 10 % with the
-# sequential method and a refit-based sensitivity vector: power 3 -> PPL 23.90, 2 -> 23.25, 1.5 -> 22.73.
-POWER = 1.5
+COURSE = "course: sequential obs + refit + curve allocation"
+ONE_PASS = "obs + refit + curve allocation (one pass)"
+PROBE = dict(n_samples=16, seq_len=256, seed=1)  # the damage-curve probe, drawn apart from the fitting batches
 OPTIPFAIR = "optipfair: hybrid (MAW + calibration)"
 
 
@@ -55,9 +55,11 @@ def main() -> None:
     stats = importance.collect_stats(base, calibration, gram=True)
     stats_s = time.perf_counter() - start
     start = time.perf_counter()
-    sensitivity = surgery.layer_sensitivity(base, stats, calibration[:1])
+    probe = data.calibration_batches(tokenizer, data.load_texts("calibration", run.profile), **PROBE)
+    curves = surgery.damage_curves(base, stats, probe)
     sensitivity_s = time.perf_counter() - start
-    print(f"statistics {stats_s:.0f} s, sensitivity {sensitivity_s:.0f} s", flush=True)
+    print(f"statistics {stats_s:.0f} s, damage curves {sensitivity_s:.0f} s", flush=True)
+    allocations = {}
 
     from optipfair import prune_model
 
@@ -69,7 +71,7 @@ def main() -> None:
             surgery.remove_mlp_neurons(model, keep)
             seconds = time.perf_counter() - start + (stats_s if scorer.needs_data else 0.0)
             rows.append(measure(model, name, ratio, seconds))
-        allocation = surgery.allocate_ratios(sensitivity, ratio, power=POWER)
+        allocation = allocations[ratio] = surgery.allocate_from_curves(curves, ratio)
         model = copy.deepcopy(base)
         start = time.perf_counter()
         surgery.prune_mlp(model, ratio, method="obs", stats=stats, allocation=allocation)
@@ -84,10 +86,10 @@ def main() -> None:
                     dataloader=calibration, show_progress=False)
         rows.append(measure(model, OPTIPFAIR, ratio, time.perf_counter() - start, speed=True))
     (RESULTS / "width.json").write_text(json.dumps(rows, indent=2))
-    write_section(10, "width", "Width pruning (SmolLM2 MLP neurons)", render(rows, args, sensitivity))
+    write_section(10, "width", "Width pruning (SmolLM2 MLP neurons)", render(rows, args, allocations))
 
 
-def render(rows: list[dict], args, sensitivity) -> str:
+def render(rows: list[dict], args, allocations: dict[float, dict[int, float]]) -> str:
     """Markdown tables, the target check and the PPL-vs-ratio figure."""
     base = rows[0]
     lines = [f"Budget: {args.eval_tokens:,} held-out tokens per PPL, {args.lastword_items} last-word items, "
@@ -111,11 +113,11 @@ def render(rows: list[dict], args, sensitivity) -> str:
         theirs = next(r for r in rows if r["ratio"] == ratio and r["method"] == OPTIPFAIR)["ppl"] - base["ppl"]
         lines.append(f"| {ratio:.0%} | +{ours:.2f} | +{theirs:.2f} | {ours / theirs:.2f} | "
                      f"{'yes' if ours <= theirs / 2 else 'no'} |")
-    lines += ["", f"Allocation: per-layer ratios from the measured sensitivity with power {POWER} "
-              "(`surgery.allocate_ratios`).", "",
-              "Measured layer sensitivity (calibration loss increase when one layer loses half its neurons): "
-              + ", ".join(f"{i}: {s:.2f}" for i, s in enumerate(sensitivity.tolist())), "",
-              "![PPL vs ratio](width_ppl_vs_ratio.png)"]
+    lines += ["", "Allocation: per-layer ratios from damage curves measured on a "
+              f"{PROBE['n_samples']} x {PROBE['seq_len']}-token probe (`surgery.damage_curves`, "
+              "`surgery.allocate_from_curves`), in % of each layer's neurons, layers 0-29:", ""]
+    lines += [f"- {ratio:.0%}: " + " ".join(f"{100 * r:.0f}" for r in allocations[ratio].values()) for ratio in RATIOS]
+    lines += ["", "![PPL vs ratio](width_ppl_vs_ratio.png)"]
     fig, ax = plt.subplots(figsize=(7, 4))
     for method in dict.fromkeys(r["method"] for r in rows[1:]):
         points = [(r["ratio"], r["ppl"]) for r in rows if r["method"] == method]

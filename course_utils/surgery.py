@@ -259,16 +259,16 @@ def obs_keep(model: nn.Module, index: int, stats: hooks.TokenStats, n_keep: int,
     if stats is None or stats.gram is None or stats.gram.shape != (width, width):
         raise ValueError(f"OBS selection needs activation statistics with a Gram matrix for layer {index} "
                          "(hooks.capture_mlp_activations(model, gram=True))")
-    moment, mean = stats.second_moment, (stats.sum / stats.count).double()
+    moment, mean = stats.second_moment.double().cpu(), (stats.sum / stats.count).double().cpu()  # stats may be on GPU
     hessian = torch.empty(width + 1, width + 1, dtype=torch.float64)  # features: (activations, 1)
     hessian[:width, :width] = moment + ridge * moment.diagonal().mean() * torch.eye(width, dtype=torch.float64)
     hessian[:width, width] = hessian[width, :width] = mean
     hessian[width, width] = 1.0
     inverse = torch.linalg.inv(hessian)
     out = parts.output
-    bias = out.bias.detach().double() if out.bias is not None else torch.zeros(_linear_layout(out).shape[0],
-                                                                             dtype=torch.float64)
-    weight = torch.cat([_linear_layout(out).double(), bias[:, None].cpu()], dim=1)  # (hidden, width + 1)
+    bias = out.bias.detach().double().cpu() if out.bias is not None else torch.zeros(_linear_layout(out).shape[0],
+                                                                                   dtype=torch.float64)
+    weight = torch.cat([_linear_layout(out).double().cpu(), bias[:, None]], dim=1)  # (hidden, width + 1), CPU
     return _obs_remove(weight, inverse, width, n_keep, chunk)
 
 
