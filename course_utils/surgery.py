@@ -166,6 +166,8 @@ def allocate_from_curves(damage: torch.Tensor, ratio: float, grid: Iterable[floa
         raise ValueError(f"damage must be (layers, {len(grid)}) to match grid; got {tuple(damage.shape)}")
     protect = set(protect)
     n = damage.shape[0]
+    if any(not isinstance(i, int) or not 0 <= i < n for i in protect):
+        raise ValueError(f"protect must list layer indices in [0, {n}); got {sorted(protect, key=str)}")
     segments = []  # (damage per unit ratio, layer, length)
     for index in range(n):
         if index in protect:

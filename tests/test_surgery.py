@@ -454,6 +454,8 @@ def test_allocate_from_curves_rejects_bad_input():
         surgery.allocate_from_curves(damage, 0.4, grid=GRID, protect=[0])
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         surgery.allocate_from_curves(damage, 1.0, grid=GRID)
+    with pytest.raises(ValueError, match="protect must list"):
+        surgery.allocate_from_curves(damage, 0.1, grid=GRID, protect=[2])
 
 
 def test_damage_curves_are_layer_sensitivity_at_each_grid_ratio():
