@@ -530,6 +530,15 @@ def _output_moments(activations: list[torch.Tensor], mids: list[torch.Tensor], t
     return gram / count, cross / count
 
 
+def _two_streams(model: nn.Module, calibration: list[dict]
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict], list[torch.Tensor | None]]:
+    """The start of a two-stream pass: (reference stream, a copy to prune, per-batch layer kwargs, masks)."""
+    captured = layer_inputs(model, calibration)
+    masks = [batch["attention_mask"].bool() if "attention_mask" in batch else None for batch in calibration]
+    return ([hidden for hidden, _ in captured], [hidden.clone() for hidden, _ in captured],
+            [kwargs for _, kwargs in captured], masks)
+
+
 def _run_tapped(model: nn.Module, index: int, stream: list[torch.Tensor], arguments: list[dict]
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Run decoder layer ``index`` on ``stream``: (outputs, output-projection inputs, residual before the MLP)."""
@@ -567,11 +576,7 @@ def sequential_obs(model: nn.Module, ratios: dict[int, float], calibration: list
     multiple_of = _check_multiple_of(multiple_of)
     layers = arch.decoder_layers(model)
     per_layer = _per_layer_ratios(ratios, range(len(layers)))
-    captured = layer_inputs(model, calibration)
-    masks = [batch["attention_mask"].bool() if "attention_mask" in batch else None for batch in calibration]
-    reference = [hidden for hidden, _ in captured]  # the unpruned model's stream
-    pruned = [hidden.clone() for hidden, _ in captured]  # the pruned model's stream
-    arguments = [kwargs for _, kwargs in captured]
+    reference, pruned, arguments, masks = _two_streams(model, calibration)
     keep_by_layer, outputs = {}, {}
     for index, layer in enumerate(layers):
         parts = arch.mlp_parts(model, index)
@@ -801,11 +806,7 @@ def refit_after_removal(model: nn.Module, indices: Iterable[int], calibration: l
     kept = [i for i in range(n) if i not in drop]
     target_of = {i: (kept[j + 1] - 1 if j + 1 < len(kept) else n - 1) for j, i in enumerate(kept)}
     layers = arch.decoder_layers(model)
-    captured = layer_inputs(model, calibration)
-    masks = [batch["attention_mask"].bool() if "attention_mask" in batch else None for batch in calibration]
-    arguments = [kwargs for _, kwargs in captured]
-    reference = [hidden for hidden, _ in captured]  # the original model's stream
-    pruned = [hidden.clone() for hidden, _ in captured]  # the stream without the dropped layers
+    reference, pruned, arguments, masks = _two_streams(model, calibration)  # original / without the dropped layers
     done, outputs = -1, {}
     for index in kept:
         while done < target_of[index]:  # the original stream runs ahead to the output the layer must match
