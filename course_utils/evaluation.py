@@ -80,11 +80,17 @@ def calibration_loss(model: nn.Module, batches: list[dict]) -> float:
     total, count = 0.0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(**batch, use_cache=False).logits[:, :-1].float()  # (batch, seq - 1, vocab)
-        targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-        total += F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum").item()
-        count += int((targets != -100).sum())
+        loss, tokens = next_token_loss(model(**batch, use_cache=False).logits, batch)
+        total, count = total + loss, count + tokens
     return total / count
+
+
+def next_token_loss(logits: torch.Tensor, batch: dict) -> tuple[float, int]:
+    """(summed cross-entropy in nats, number of predicted tokens) of ``logits`` for one padded batch."""
+    mask = batch["attention_mask"][:, 1:].to(logits.device)
+    targets = batch["input_ids"][:, 1:].to(logits.device).masked_fill(mask == 0, -100)
+    loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="sum").item()
+    return loss, int((targets != -100).sum())
 
 
 def build_lastword_items(texts: list[str], min_context_words: int = MIN_CONTEXT_WORDS,

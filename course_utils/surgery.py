@@ -141,13 +141,14 @@ def damage_curves(model: nn.Module, stats: dict[int, hooks.TokenStats], calibrat
 
     Row l is layer l's measured damage curve: what removing each fraction of its neurons alone costs on
     ``calibration`` (use batches kept apart from the ones ``stats`` came from). ``allocate_from_curves`` turns
-    the curves into per-layer ratios. Cost: len(grid) x layers loss evaluations on ``calibration``.
+    the curves into per-layer ratios. Cost: len(grid) x layers loss evaluations on ``calibration``, each
+    starting at the probed layer (the hidden states entering it are computed once), so about half as many
+    layer passes as len(grid) x layers full forward passes.
     """
     grid = [check_ratio(g) for g in grid]
     if not grid or any(b <= a for a, b in zip(grid, grid[1:], strict=False)) or grid[0] <= 0:
         raise ValueError(f"grid must be increasing ratios in (0, 1); got {grid}")
-    return torch.stack([layer_sensitivity(model, stats, calibration, probe_ratio=g, method=method, refit=refit)
-                        for g in grid], dim=1)
+    return _probe_damage(model, stats, calibration, grid, method, refit)
 
 
 def allocate_from_curves(damage: torch.Tensor, ratio: float, grid: Iterable[float] = CURVE_GRID,
@@ -195,7 +196,6 @@ def allocate_from_curves(damage: torch.Tensor, ratio: float, grid: Iterable[floa
     return {i: float(r) for i, r in enumerate(ratios)}
 
 
-@torch.no_grad()
 def layer_sensitivity(model: nn.Module, stats: dict[int, hooks.TokenStats], calibration: list[dict],
                       probe_ratio: float = 0.5, method: str = "wanda_like", refit: bool = False) -> torch.Tensor:
     """Loss increase (nats/token on ``calibration``) when each layer alone loses ``probe_ratio`` of its neurons.
@@ -205,45 +205,70 @@ def layer_sensitivity(model: nn.Module, stats: dict[int, hooks.TokenStats], cali
     Gram matrices in ``stats``) the probe instead lets the kept neurons compensate (``refit_output``), so
     it measures what a layer costs a refitted model: the right yardstick for refit and OBS pruning.
     """
-    check_ratio(probe_ratio)
+    return _probe_damage(model, stats, calibration, [check_ratio(probe_ratio)], method, refit)[:, 0]
+
+
+@torch.no_grad()
+def _loss_from(model: nn.Module, index: int, stream: list[torch.Tensor], arguments: list[dict],
+               calibration: list[dict]) -> float:
+    """``evaluation.calibration_loss`` computed from the hidden states entering decoder layer ``index``."""
+    norm = arch.get_module(model, arch.get_spec(model).final_norm)
+    head = model.get_output_embeddings()
+    total, count = 0.0, 0
+    for hidden, kwargs, batch in zip(stream, arguments, calibration, strict=True):
+        for layer in arch.decoder_layers(model)[index:]:
+            hidden = _hidden_out(layer(hidden, **kwargs))
+        loss, tokens = evaluation.next_token_loss(head(norm(hidden)), batch)
+        total, count = total + loss, count + tokens
+    return total / count
+
+
+@torch.no_grad()
+def _probe_damage(model: nn.Module, stats: dict[int, hooks.TokenStats], calibration: list[dict],
+                  ratios: list[float], method: str, refit: bool) -> torch.Tensor:
+    """(layers, len(ratios)) loss increases: layer l alone losing each ratio of its neurons (see ``layer_sensitivity``).
+
+    The hidden states entering layer l are carried from layer to layer, so each probe runs layers l.. only.
+    """
     if not calibration:
         raise ValueError("layer_sensitivity needs calibration batches (data.calibration_batches(...))")
+    if any("attention_mask" not in batch for batch in calibration):
+        raise ValueError("calibration batches need an attention_mask (data.calibration_batches(...) gives one)")
     if refit:
         _check_refit(model, {i: None for i in range(arch.num_layers(model))}, stats)
     device = next(model.parameters()).device
-
-    def loss() -> float:
-        return evaluation.calibration_loss(model, calibration)
-
-    base = loss()
-    result = torch.zeros(arch.num_layers(model))
-    for index in range(arch.num_layers(model)):
-        scores = importance.score_layer(model, index, method, stats.get(index))
-        n_drop = scores.numel() - kept_width(scores.numel(), probe_ratio)
-        dropped = scores.argsort()[:n_drop].to(device)
-        mean = stats[index].mean.to(device)
-
-        def silence(module, args, dropped=dropped, mean=mean):
-            x = args[0].clone()
-            x[..., dropped] = mean[dropped].to(x.dtype)
-            return (x,)
-
+    captured = layer_inputs(model, calibration)
+    stream, arguments = [hidden for hidden, _ in captured], [kwargs for _, kwargs in captured]
+    base = _loss_from(model, 0, stream, arguments, calibration)
+    result = torch.zeros(arch.num_layers(model), len(ratios))
+    for index, layer in enumerate(arch.decoder_layers(model)):
+        order = importance.score_layer(model, index, method, stats.get(index)).argsort()
         output = arch.mlp_parts(model, index).output
-        if refit:
-            keep = scores.argsort()[n_drop:].sort().values
-            weight, bias = refit_output(_linear_layout(output), output.bias, stats[index], keep)
-            keep, weight, bias = keep.to(device), weight.to(device), bias.to(device)
+        for column, ratio in enumerate(ratios):
+            n_drop = order.numel() - kept_width(order.numel(), ratio)
+            if refit:
+                keep = order[n_drop:].sort().values
+                weight, bias = refit_output(_linear_layout(output), output.bias, stats[index], keep)
+                keep, weight, bias = keep.to(device), weight.to(device), bias.to(device)
 
-            def compensate(module, args, out, keep=keep, weight=weight, bias=bias):
-                return args[0][..., keep] @ weight.T.to(out.dtype) + bias.to(out.dtype)
+                def compensate(module, args, out, keep=keep, weight=weight, bias=bias):
+                    return args[0][..., keep] @ weight.T.to(out.dtype) + bias.to(out.dtype)
 
-            handle = output.register_forward_hook(compensate)
-        else:
-            handle = output.register_forward_pre_hook(silence)
-        try:
-            result[index] = loss() - base
-        finally:
-            handle.remove()
+                handle = output.register_forward_hook(compensate)
+            else:
+                dropped, mean = order[:n_drop].to(device), stats[index].mean.to(device)
+
+                def silence(module, args, dropped=dropped, mean=mean):
+                    x = args[0].clone()
+                    x[..., dropped] = mean[dropped].to(x.dtype)
+                    return (x,)
+
+                handle = output.register_forward_pre_hook(silence)
+            try:
+                result[index, column] = _loss_from(model, index, stream, arguments, calibration) - base
+            finally:
+                handle.remove()
+        stream = [_hidden_out(layer(h, **kw)) for h, kw in zip(stream, arguments, strict=True)]
     return result
 
 

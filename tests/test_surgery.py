@@ -291,6 +291,36 @@ def test_layer_sensitivity_probe_leaves_the_model_alone():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_layer_sensitivity_equals_a_full_forward_with_the_layer_silenced(family):
+    """The probe starts each evaluation at the probed layer; the numbers are those of full forward passes."""
+    from course_utils import evaluation, importance
+
+    model = tiny_model(family)
+    batches = calibration()  # padded: the mask must reach every layer the probe runs
+    stats = importance.collect_stats(model, batches)
+    sensitivity = surgery.layer_sensitivity(model, stats, batches, probe_ratio=0.5)
+    base_loss = evaluation.calibration_loss(model, batches)
+    for index in range(2):
+        scores = importance.score_layer(model, index, "wanda_like", stats[index])
+        dropped = scores.argsort()[:scores.numel() - surgery.kept_width(scores.numel(), 0.5)]
+
+        def silence(module, args, dropped=dropped, mean=stats[index].mean):
+            x = args[0].clone()
+            x[..., dropped] = mean[dropped]
+            return (x,)
+
+        handle = arch.mlp_parts(model, index).output.register_forward_pre_hook(silence)
+        try:
+            expected = evaluation.calibration_loss(model, batches) - base_loss
+        finally:
+            handle.remove()
+        assert sensitivity[index].item() == pytest.approx(expected, abs=1e-5)
+    unmasked = [{"input_ids": batches[0]["input_ids"]}]
+    with pytest.raises(ValueError, match="attention_mask"):
+        surgery.layer_sensitivity(model, stats, unmasked)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_obs_selection_beats_magnitude_selection_after_refit(family):
     """OBS picks a set whose least-squares refit reproduces the MLP output better than a score-based set."""
     from course_utils import importance
