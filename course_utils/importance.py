@@ -180,7 +180,8 @@ def score_model(model: nn.Module, method: str, calibration: list[dict] | None = 
 # Layer scores (depth pruning) and attention-sublayer scores (attention bypass)
 # ---------------------------------------------------------------------------------------------
 
-def _check_batches(calibration: list[dict] | None, what: str) -> None:
+def require_batches(calibration: list[dict] | None, what: str) -> None:
+    """Raise a ``ValueError`` naming ``what`` and the fix when ``calibration`` is missing or empty."""
     if not calibration:
         raise ValueError(f"{what} needs calibration data: pass calibration=data.calibration_batches(...)")
 
@@ -193,7 +194,7 @@ def block_influence(model: nn.Module, calibration: list[dict], skip: Iterable[in
     pointed changes little and is the first candidate for removal. Layers in ``skip`` are treated as
     already removed (they pass their input through) and score 0.
     """
-    _check_batches(calibration, "block_influence")
+    require_batches(calibration, "block_influence")
     n = arch.num_layers(model)
     total = torch.zeros(n, dtype=torch.float64)
     count = torch.zeros(n, dtype=torch.float64)
@@ -216,7 +217,7 @@ def angular_distance(model: nn.Module, calibration: list[dict], n_block: int) ->
     Gromov et al. 2024 ("The Unreasonable Ineffectiveness of the Deeper Layers"): the contiguous block
     of ``n_block`` layers with the smallest distance changes the representation least.
     """
-    _check_batches(calibration, "angular_distance")
+    require_batches(calibration, "angular_distance")
     n = arch.num_layers(model)
     if isinstance(n_block, bool) or not isinstance(n_block, int) or not 1 <= n_block < n:
         raise ValueError(f"n_block must be an int in [1, {n - 1}] for this {n}-layer model; got {n_block!r}")
@@ -249,7 +250,7 @@ def removal_loss(model: nn.Module, calibration: list[dict], skip: Iterable[int] 
     """
     from .evaluation import calibration_loss
 
-    _check_batches(calibration, "removal_loss")
+    require_batches(calibration, "removal_loss")
     skip = set(skip)
     n = arch.num_layers(model)
     candidates = set(range(n)) if candidates is None else {arch.check_layer_index(model, i) for i in candidates}
@@ -289,7 +290,7 @@ def attention_importance(model: nn.Module, calibration: list[dict]) -> torch.Ten
     He et al. 2024 ("What Matters in Transformers? Not All Attention is Needed"): an attention sub-layer
     that barely turns the residual stream can be bypassed. A bypassed sub-layer adds nothing and scores 0.
     """
-    _check_batches(calibration, "attention_importance")
+    require_batches(calibration, "attention_importance")
     n = arch.num_layers(model)
     total = torch.zeros(n, dtype=torch.float64)
     count = torch.zeros(n, dtype=torch.float64)

@@ -230,8 +230,7 @@ def _probe_damage(model: nn.Module, stats: dict[int, hooks.TokenStats], calibrat
 
     The hidden states entering layer l are carried from layer to layer, so each probe runs layers l.. only.
     """
-    if not calibration:
-        raise ValueError("layer_sensitivity needs calibration batches (data.calibration_batches(...))")
+    importance.require_batches(calibration, "layer_sensitivity")
     if any("attention_mask" not in batch for batch in calibration):
         raise ValueError("calibration batches need an attention_mask (data.calibration_batches(...) gives one)")
     if refit:
@@ -513,7 +512,7 @@ def layer_inputs(model: nn.Module, calibration: list[dict]) -> list[tuple[torch.
     ``layer(hidden, **kwargs)``. (For models mixing sliding-window and full-attention layers the masks differ
     only beyond the window, far longer than calibration samples.)
     """
-    importance._check_batches(calibration, "layer_inputs")
+    importance.require_batches(calibration, "layer_inputs")
     captured = []
 
     def grab(module, args, kwargs):
@@ -826,7 +825,7 @@ def refit_after_removal(model: nn.Module, indices: Iterable[int], calibration: l
     {original layer index: (weight (hidden, width), bias (hidden,))}; ``drop_layers(..., refit=True)`` applies it.
     """
     drop = set(check_layer_set(model, indices))
-    importance._check_batches(calibration, "refit_after_removal")
+    importance.require_batches(calibration, "refit_after_removal")
     n = arch.num_layers(model)
     kept = [i for i in range(n) if i not in drop]
     target_of = {i: (kept[j + 1] - 1 if j + 1 < len(kept) else n - 1) for j, i in enumerate(kept)}
