@@ -69,8 +69,8 @@ def machine_line() -> str:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    return (f"{platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, {device}")
+    return (f"{platform.platform()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
+            f"Python {platform.python_version()}, torch {torch.__version__}, {device}")
 
 
 def build_report() -> Path:
