@@ -16,9 +16,11 @@ Run: ``python benchmarks/depth.py [--eval-tokens 16384] [--lastword-items 100]``
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import time
+from pathlib import Path
 
 import matplotlib
 
@@ -33,14 +35,26 @@ BYPASS_COUNTS = (4, 8, 12)
 DIRECT = "removal loss, iterative (shortlist)"
 COURSE = "course: block influence + refit of the kept layers"
 OPTIPFAIR = "optipfair: analyze_layer_importance"
+TITLE = "Depth pruning and attention bypass (SmolLM2)"
 
 
 def main() -> None:
-    run = start_run(__doc__.split("\n")[0], calib_samples=256)
+    run = start_run(__doc__.split("\n")[0], calib_samples=256,
+                    extra=[("--rows-from", str, None, "render the section from the printed rows of an earlier run's "
+                            "log (e.g. a GPU run), re-measuring only speed here (see rows_from_log)")])
     args, profile, base, tokenizer = run.args, run.profile, run.base, run.tokenizer
     texts, items, fit = run.texts, run.items, run.calibration
     calibration = fit[:4]  # the first 32 paragraphs (batches of 8): enough to choose layers, and quicker
     n_layers = base.config.num_hidden_layers
+    if args.rows_from:
+        rows = rows_from_log(args.rows_from, base, tokenizer)
+        influence = importance.block_influence(base, calibration)
+        source = (f"PPL, last-word accuracy, parameters and selection times are the rows printed by the run logged in "
+                  f"`{args.rows_from}`, parsed, not retyped; prefill and decode speed were re-measured here, on each "
+                  "logged structure rebuilt (the same layers removed or bypassed; the parameter counts match the log)")
+        (RESULTS / "depth.json").write_text(json.dumps(rows, indent=2))
+        write_section(20, "depth", TITLE, render(rows, args, influence, source))
+        return
 
     def measure(model, name, count, kind, layers, seconds) -> dict:
         speed = evaluation.latency(model, tokenizer, runs=3)
@@ -109,13 +123,41 @@ def main() -> None:
         model = bypass.bypass_attention(copy.deepcopy(base), layers)
         rows.append(measure(model, "attention bypass, iterative", k, "bypass", layers, time.perf_counter() - start))
     (RESULTS / "depth.json").write_text(json.dumps(rows, indent=2))
-    write_section(20, "depth", "Depth pruning and attention bypass (SmolLM2)", render(rows, args, influence))
+    write_section(20, "depth", TITLE, render(rows, args, influence))
 
 
-def render(rows: list[dict], args, influence) -> str:
-    """Markdown tables, the target check and the PPL / speed figure."""
+def rows_from_log(path: str, base, tokenizer) -> list[dict]:
+    """The rows an earlier run printed (one dict per line), with speed re-measured on this machine.
+
+    PPL and accuracy do not depend on the device (the CPU and H100 runs agree to three decimals), but speed does,
+    and a shared GPU's batch-1 timings say little. Each row's structure is rebuilt from its layer list (refitted
+    rows also carry the MLP biases the refit adds); a parameter count that differs from the log stops the run.
+    """
+    rows = [ast.literal_eval(line) for line in Path(path).read_text().splitlines() if line.startswith("{'method'")]
+    if not rows or rows[0]["kind"] != "base":
+        raise SystemExit(f"{path}: no rows starting with the unpruned model; pass the log of a depth.py run")
+    for row in rows:
+        model = base if row["kind"] == "base" else copy.deepcopy(base)
+        if row["kind"] == "bypass":
+            bypass.bypass_attention(model, row["layers"])
+        elif row["kind"] == "depth":
+            if "refit" in row["method"]:
+                surgery._enable_mlp_bias(model)
+            surgery.drop_layers(model, row["layers"])
+        if models.count_parameters(model) != row["params"]:
+            raise SystemExit(f"{row['method']} ({row['count']}): rebuilt {models.count_parameters(model)} params, "
+                             f"the log says {row['params']}")
+        speed = evaluation.latency(model, tokenizer, runs=3)
+        row.update(prefill_ms=speed.prefill_ms, decode_tok_s=speed.decode_tok_s)
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    return rows
+
+
+def render(rows: list[dict], args, influence, source: str | None = None) -> str:
+    """Markdown tables, the target check and the PPL / speed figure (``source``: where the rows came from)."""
     base = rows[0]
-    lines = [f"Budget: {args.eval_tokens:,} held-out tokens per PPL, {args.lastword_items} last-word items, "
+    lines = [f"{source}.", ""] if source else []
+    lines += [f"Budget: {args.eval_tokens:,} held-out tokens per PPL, {args.lastword_items} last-word items, "
              f"calibration {args.calib_samples} paragraphs x 256 tokens from the calibration articles (layer "
              "choices use the first 32 of them; the refit and the linear replacement are fitted on all). "
              "Speed: batch 1, 128-token prompt, 32 decoded tokens with the KV cache, median of 3 runs.", "",
