@@ -153,6 +153,20 @@ def rows_from_log(path: str, base, tokenizer) -> list[dict]:
     return rows
 
 
+def _timing_spread(rows: list[dict]) -> str:
+    """A sentence on timing noise: the largest spread among rows whose structures are identical, if any."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows[1:]:
+        groups.setdefault((row["kind"], tuple(sorted(row["layers"])), row["params"]), []).append(row)
+    twins = [group for group in groups.values() if len(group) > 1]
+    if not twins:
+        return ""
+    prefill, decode = (max(max(r[key] for r in g) / min(r[key] for r in g) - 1 for g in twins)
+                       for key in ("prefill_ms", "decode_tok_s"))
+    return (" Rows with identical structures (the same layers removed, the same parameter count) differ by up to "
+            f"{prefill:.0%} in prefill and {decode:.0%} in decode speed here: read smaller differences as noise.")
+
+
 def render(rows: list[dict], args, influence, source: str | None = None) -> str:
     """Markdown tables, the target check and the PPL / speed figure (``source``: where the rows came from)."""
     base = rows[0]
@@ -173,7 +187,7 @@ def render(rows: list[dict], args, influence, source: str | None = None) -> str:
                      f"{base['prefill_ms'] / row['prefill_ms']:.2f}x | "
                      f"{row['decode_tok_s'] / base['decode_tok_s']:.2f}x | "
                      f"{row['select_s']:.0f} |")
-    lines += ["", "Speed columns are speed-ups (higher is faster), measured in this run.", "",
+    lines += ["", "Speed columns are speed-ups (higher is faster), measured in this run." + _timing_spread(rows), "",
               "**Target: the course's PPL increase at most half of OptiPFair's choice**", "",
               "| layers removed | course increase | OptiPFair increase | ratio of increases | met |",
               "|---|---|---|---|---|"]
