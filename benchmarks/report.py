@@ -82,13 +82,14 @@ def build_report() -> Path:
         "# Results report\n\n"
         "Written by `make course` (benchmarks/report.py) from the sections each benchmark script stores in "
         "`results/sections/`. Every number below was measured by the run that wrote it, on the machine its "
-        "section names (speed ratios compare rows of one section, measured in one run).\n\n"
+        "section names, except where a section says it renders the logged rows of an earlier run (speed ratios "
+        "compare rows of one section, measured in one run).\n\n"
         "Profile: offline (SmolLM2-135M-Instruct as the Llama role; held-out text = the last 10 articles of the "
         "gensim Wikipedia excerpt). Perplexity: non-overlapping 512-token windows over the whole held-out split, "
         "or over its first N tokens where a section states a budget. "
         "Last-word accuracy: all generated held-out items, or the first N where a section says so. "
         "Speed: batch 1, 128-token prompt, 32 decoded tokens "
-        "with the KV cache, median of 5 runs after a warm-up.\n"
+        "with the KV cache, median of 5 runs after a warm-up, unless a section states its own.\n"
     )
     body = "\n".join(path.read_text(encoding="utf-8") for path in sections)
     out = RESULTS / "REPORT.md"
