@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from report import RESULTS, start_run, write_section  # noqa: E402
 
-from course_utils import bypass, data, evaluation, importance, models, surgery  # noqa: E402
+from course_utils import bypass, data, evaluation, importance, models, structure, surgery  # noqa: E402
 
 COUNTS = (2, 4, 6)
 BYPASS_COUNTS = (4, 8, 12)
@@ -142,7 +142,7 @@ def rows_from_log(path: str, base, tokenizer) -> list[dict]:
             bypass.bypass_attention(model, row["layers"])
         elif row["kind"] == "depth":
             if "refit" in row["method"]:
-                surgery._enable_mlp_bias(model)
+                structure.add_mlp_biases(model)
             surgery.drop_layers(model, row["layers"])
         if models.count_parameters(model) != row["params"]:
             raise SystemExit(f"{row['method']} ({row['count']}): rebuilt {models.count_parameters(model)} params, "

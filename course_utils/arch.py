@@ -4,14 +4,23 @@ Every module that touches a model's parts asks this file where they are: the dec
 the MLP (GPT-2's ``Conv1D`` pair or the Llama family's GLU triple), the attention projections
 and head counts, and the config keys that change when a part shrinks. Adding a model family is
 one new ``ArchSpec`` entry in ``SPECS``.
+
+Families differ in what their *stock* config can express: Llama's ``mlp_bias`` flag gives every MLP
+projection a bias, while Qwen2, Qwen3 and Mistral build their MLPs without biases whatever the config
+says. ``ArchSpec.mlp_bias_key`` records that difference, so ``structure`` knows when a refitted MLP
+(which carries a bias) still reloads with plain ``from_pretrained`` and when it needs ``load_pruned``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
+
+from . import projections
 
 
 @dataclass(frozen=True)
@@ -40,7 +49,8 @@ class ArchSpec:
     n_kv_heads_key: str | None  # config key: number of key/value heads (None: same as query heads)
     hidden_key: str  # config key: model width
     per_layer_keys: tuple[str, ...] = ()  # config lists with one entry per layer (e.g. layer_types)
-    mlp_bias_key: str | None = None  # config flag that gives the MLP projections biases (None: always there)
+    mlp_bias_key: str | None = None  # stock config flag that gives the MLP projections biases (None: no such flag)
+    mlp_always_biased: bool = False  # the MLP projections always carry biases (GPT-2)
 
 
 GPT2 = ArchSpec(
@@ -65,11 +75,12 @@ GPT2 = ArchSpec(
     n_heads_key="n_head",
     n_kv_heads_key=None,
     hidden_key="n_embd",
+    mlp_always_biased=True,
 )
 
 LLAMA = ArchSpec(
-    family="Llama family (Llama, SmolLM2, Qwen2, Qwen3, Mistral)",
-    model_types=("llama", "qwen2", "qwen3", "mistral"),
+    family="Llama (Llama, SmolLM2)",
+    model_types=("llama",),
     layers="model.layers",
     embeddings=("model.embed_tokens",),
     final_norm="model.norm",
@@ -93,7 +104,11 @@ LLAMA = ArchSpec(
     mlp_bias_key="mlp_bias",
 )
 
-SPECS: tuple[ArchSpec, ...] = (GPT2, LLAMA)
+# Same module layout and config keys as Llama, but the stock MLP has no bias flag.
+LLAMA_LIKE = dataclasses.replace(LLAMA, family="Llama-like (Qwen2, Qwen3, Mistral)",
+                                 model_types=("qwen2", "qwen3", "mistral"), mlp_bias_key=None)
+
+SPECS: tuple[ArchSpec, ...] = (GPT2, LLAMA, LLAMA_LIKE)
 
 
 def supported_families() -> str:
@@ -140,6 +155,20 @@ def check_layer_index(model: nn.Module, index: int) -> int:
     return index
 
 
+def check_layer_set(model: nn.Module, indices: Iterable[int], what: str = "layers to remove",
+                    allow_all: bool = False) -> list[int]:
+    """Validate a set of layer indices (ints in range, no duplicates, not every layer); return them sorted."""
+    indices = list(indices)
+    for i in indices:
+        check_layer_index(model, i)
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"{what} contain duplicates: {sorted(indices)}; name each layer once")
+    n = num_layers(model)
+    if not allow_all and len(indices) >= n:
+        raise ValueError(f"cannot remove all {n} layers ({what}: {sorted(indices)}); keep at least one")
+    return sorted(indices)
+
+
 @dataclass
 class MLPParts:
     """The linear layers of one MLP and its current width (number of intermediate neurons)."""
@@ -150,20 +179,14 @@ class MLPParts:
     width: int  # intermediate neurons
 
 
-def mlp_width(module: nn.Module) -> int:
-    """Output width of a projection that produces neurons: ``Linear`` (out, in); ``Conv1D`` (in, out)."""
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    return module.weight.shape[1]  # transformers Conv1D stores the weight as (in_features, out_features)
-
-
 def mlp_parts(model: nn.Module, index: int) -> MLPParts:
     """The MLP projections of decoder layer ``index``."""
     spec = get_spec(model)
     check_layer_index(model, index)
     mlp = getattr(decoder_layers(model)[index], spec.mlp)
     inputs = [getattr(mlp, name) for name in spec.mlp_inputs]
-    return MLPParts(kind=spec.mlp_kind, inputs=inputs, output=getattr(mlp, spec.mlp_output), width=mlp_width(inputs[0]))
+    return MLPParts(kind=spec.mlp_kind, inputs=inputs, output=getattr(mlp, spec.mlp_output),
+                    width=projections.out_features(inputs[0]))
 
 
 @dataclass
@@ -179,6 +202,16 @@ class AttentionParts:
     n_heads: int  # query heads
     n_kv_heads: int  # key/value heads (fewer than n_heads under grouped-query attention)
     head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads that share one key/value head (1 without GQA)."""
+        return self.n_heads // self.n_kv_heads
+
+    def groups(self) -> list[list[int]]:
+        """Query-head indices of each key/value head: GQA's layout, query head h reads K/V head h // group_size."""
+        size = self.group_size
+        return [list(range(g * size, (g + 1) * size)) for g in range(self.n_kv_heads)]
 
 
 def attention_module(model: nn.Module, index: int) -> nn.Module:

@@ -9,8 +9,8 @@ positions (transformers asks layer 0's cache how many tokens it has seen).
 
 Two ways to use it:
 - static: ``bypass_attention(model, layers)`` swaps the attention modules for ``AttentionBypass``
-  (weights dropped; ``models.save_pruned`` records the layers in ``config.bypassed_attention`` and
-  ``models.load_pruned`` rebuilds it; plain ``from_pretrained`` cannot);
+  (weights dropped; the structure record ``bypassed_attention``, registered below, lets
+  ``models.load_pruned`` rebuild it; plain ``from_pretrained`` cannot);
 - adaptive: ``AdaptiveBypass`` keeps every weight and decides per prompt how many sub-layers to skip,
   from the prompt's complexity (length and embedding variance) and thresholds in a calibration file.
 """
@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import arch, evaluation, importance
+from . import arch, evaluation, importance, structure
+from .anatomy import count_parameters
+from .data import require_batches
 
 CALIBRATION_VERSION = 1
 
@@ -78,10 +80,16 @@ def bypass_attention(model: nn.Module, layers: Iterable[int]) -> nn.Module:
     the layers; ``models.save_pruned`` + ``models.load_pruned`` round-trip the model. Bad indices raise
     ``ValueError`` before anything changes.
     """
-    from .surgery import check_layer_set, sync_structure_config
+    layers = arch.check_layer_set(model, layers, what="attention layers to bypass", allow_all=True)
+    params_before = count_parameters(model)
+    _swap_in_bypass(model, layers)
+    structure.record_edit(model, "bypass_attention", f"attention of layers {layers} bypassed", params_before)
+    return model
 
+
+def _swap_in_bypass(model: nn.Module, layers: list[int]) -> None:
+    """Replace the attention (and its pre-norm) of each listed layer by a permanent ``AttentionBypass``."""
     spec = arch.get_spec(model)
-    layers = check_layer_set(model, layers, what="attention layers to bypass", allow_all=True)
     already = set(bypassed_layers(model))
     for index in layers:
         if index in already:
@@ -90,8 +98,11 @@ def bypass_attention(model: nn.Module, layers: Iterable[int]) -> nn.Module:
         old = getattr(layer, attr)
         setattr(layer, attr, AttentionBypass(getattr(old, "layer_idx", index)))
         setattr(layer, spec.norms[0], nn.Identity())
-    sync_structure_config(model)
-    return model
+
+
+structure.register(structure.StructureKey(
+    "bypassed_attention", "attention sub-layers bypassed (no weights, output = input)",
+    lambda model: bypassed_layers(model) or None, _swap_in_bypass))
 
 
 @torch.no_grad()
@@ -110,8 +121,7 @@ def choose_bypass(model: nn.Module, calibration: list[dict], n_layers: int, iter
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 0 <= n_layers <= candidates:
         raise ValueError(f"n_layers must be an int in [0, {candidates}] (layers not protected or already "
                          f"bypassed); got {n_layers!r}")
-    if not calibration:
-        raise ValueError("choose_bypass needs calibration data: pass calibration=data.calibration_batches(...)")
+    require_batches(calibration, "choose_bypass", model)
     excluded = protect | set(bypassed_layers(model))
     chosen: list[int] = []
     scores = importance.attention_importance(model, calibration)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models import count_parameters
+from .anatomy import count_parameters
 
 
 def check_shape(tensor: torch.Tensor, shape: tuple[int, ...], name: str = "tensor") -> None:

@@ -184,6 +184,46 @@ def token_windows(tokenizer, texts: list[str], seq_len: int = 256, batch_size: i
     return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]
 
 
+def to_device(batch: dict, model) -> dict:
+    """The batch's tensors moved to where ``model``'s first parameter lives (CPU, a Colab GPU, ...)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def require_batches(batches: list[dict] | None, what: str, model=None) -> list[dict]:
+    """Return ``batches`` if they are usable calibration batches, else raise a ``ValueError`` naming the fix.
+
+    Checked: a non-empty list of dicts with 2-D integer ``input_ids``; an ``attention_mask`` of the same
+    shape where every row has at least one real token; with ``model``, every id inside its vocabulary
+    (ids from another model's tokenizer would otherwise fail deep inside torch, or silently read the
+    wrong embeddings).
+    """
+    fix = "pass calibration=data.calibration_batches(tokenizer, texts) made with this model's tokenizer"
+    if not batches:
+        raise ValueError(f"{what} needs calibration data: {fix}")
+    if isinstance(batches, dict):
+        raise ValueError(f"{what} takes a list of batches, got one dict: wrap it in a list ([batch])")
+    vocab = model.get_input_embeddings().num_embeddings if model is not None else None
+    for number, batch in enumerate(batches):
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype.is_floating_point:
+            raise ValueError(f"{what}: batch {number} needs 2-D integer input_ids (batch, seq); {fix}")
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            if tuple(mask.shape) != tuple(ids.shape):
+                raise ValueError(f"{what}: batch {number} has attention_mask {tuple(mask.shape)} but input_ids "
+                                 f"{tuple(ids.shape)}; they must match")
+            empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"{what}: batch {number} has rows {empty} whose attention_mask is all zeros "
+                                 "(no real token to learn from); drop empty texts before batching")
+        if vocab is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"{what}: batch {number} has token ids in [{int(ids.min())}, {int(ids.max())}] but the "
+                             f"model's vocabulary has {vocab} entries: were the batches made with another model's "
+                             f"tokenizer? {fix}")
+    return batches
+
+
 def write_jsonl(rows: list[dict], path: Path) -> Path:
     """Write rows as JSON lines (used for the generated evaluation tasks)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import arch
-from .data import load_texts, token_stream, write_jsonl
+from .anatomy import count_parameters
+from .data import load_texts, require_batches, to_device, token_stream, write_jsonl
 from .profiles import Profile, cache_dir, get_profile
 
 LASTWORD_VERSION = 2  # bump when the item rules change, so cached task files are rebuilt
@@ -74,12 +75,10 @@ _SENTENCE_END = re.compile(r"([A-Za-z]{3,})([.!?])(?=\s|$)")
 @torch.no_grad()
 def calibration_loss(model: nn.Module, batches: list[dict]) -> float:
     """Mean next-token cross-entropy (nats/token) over padded batches; padding is never predicted."""
-    if not batches:
-        raise ValueError("no batches given: pass data.calibration_batches(...)")
-    device = _device_of(model)
+    require_batches(batches, "calibration_loss", model)
     total, count = 0.0, 0
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, model)
         loss, tokens = next_token_loss(model(**batch, use_cache=False).logits, batch)
         total, count = total + loss, count + tokens
     return total / count
@@ -313,8 +312,6 @@ def evaluate_model(model: nn.Module, tokenizer, name: str, profile: Profile | st
 
     Budgets default to the profile's; ``max_tokens=None`` and ``n_items=0`` use the whole split.
     """
-    from .models import count_parameters
-
     profile = get_profile(profile)
     texts = texts if texts is not None else load_texts("evaluation", profile)
     row = EvalRow(

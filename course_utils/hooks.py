@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import arch
+from .data import to_device
 
 
 def select_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -108,14 +109,13 @@ class Tap:
     @torch.no_grad()
     def run(self, model: nn.Module, batches: Iterable[dict]) -> Tap:
         """Forward every batch (dicts with input_ids and attention_mask) with the right mask set."""
-        device = next(model.parameters()).device
         for batch in batches:
             self.set_mask(batch.get("attention_mask"))
-            model(**{k: v.to(device) for k, v in batch.items()})
+            model(**to_device(batch, model))
         self.mask = None
         return self
 
-    def _record(self, index: int, *blocks: torch.Tensor) -> None:
+    def record(self, index: int, *blocks: torch.Tensor) -> None:
         tokens = [select_tokens(b, self.mask) for b in blocks]
         if self.fn is not None:
             self.fn(index, *tokens)
@@ -135,7 +135,7 @@ class Tap:
         return torch.cat(blocks)
 
 
-def _hidden(output) -> torch.Tensor:
+def hidden_of(output) -> torch.Tensor:
     """The hidden-state tensor of a module output (tensor, or tuple whose first item is it)."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -147,7 +147,8 @@ def _resolve_layers(model: nn.Module, layers: Iterable[int] | None) -> list[int]
 
 
 @contextmanager
-def _hooks(handles: list) -> Iterator[None]:
+def removing(handles: list) -> Iterator[None]:
+    """Run the body, then remove every hook handle in ``handles``, even if the body raised."""
     try:
         yield
     finally:
@@ -169,9 +170,9 @@ def capture_layer_io(model: nn.Module, layers: Iterable[int] | None = None, keep
     for index in tap.layers:
         def hook(module, args, kwargs, output, index=index):
             hidden_in = args[0] if args else kwargs["hidden_states"]
-            tap._record(index, hidden_in, _hidden(output))
+            tap.record(index, hidden_in, hidden_of(output))
         handles.append(modules[index].register_forward_hook(hook, with_kwargs=True))
-    with _hooks(handles):
+    with removing(handles):
         yield tap
 
 
@@ -189,9 +190,9 @@ def capture_mlp_activations(model: nn.Module, layers: Iterable[int] | None = Non
         output_proj = arch.mlp_parts(model, index).output
 
         def pre_hook(module, args, index=index):
-            tap._record(index, args[0])
+            tap.record(index, args[0])
         handles.append(output_proj.register_forward_pre_hook(pre_hook))
-    with _hooks(handles):
+    with removing(handles):
         yield tap
 
 
@@ -205,15 +206,16 @@ def capture_attention_outputs(model: nn.Module, layers: Iterable[int] | None = N
         attention = arch.attention_module(model, index)
 
         def hook(module, args, output, index=index):
-            tap._record(index, _hidden(output))
+            tap.record(index, hidden_of(output))
         handles.append(attention.register_forward_hook(hook))
-    with _hooks(handles):
+    with removing(handles):
         yield tap
 
 
 def count_hooks(model: nn.Module) -> int:
     """Number of forward hooks and pre-hooks left on any module (tests use it: should be 0)."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    # torch keeps hooks in private dicts and offers no public count
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())  # noqa: SLF001
 
 
 @contextmanager
@@ -231,5 +233,5 @@ def skip_layers(model: nn.Module, layers: Iterable[int]) -> Iterator[None]:
                 return (hidden_in, *output[1:])
             return hidden_in
         handles.append(modules[index].register_forward_hook(hook, with_kwargs=True))
-    with _hooks(handles):
+    with removing(handles):
         yield

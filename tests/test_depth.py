@@ -203,14 +203,14 @@ def test_linear_replacement_reduces_the_block_error_and_reloads(family, tmp_path
 def test_linear_replacement_with_a_huge_ridge_is_a_plain_drop():
     batches = [padded_batch()]
     plain = surgery.drop_layers(deep("llama"), [2])
-    stiff = surgery.drop_layers(deep("llama"), [2], calibration=batches, ridge=1e9)
+    stiff = surgery.drop_layers(deep("llama"), [2], calibration=batches, shrink_to_identity=1e9)
     torch.testing.assert_close(logits(stiff), logits(plain), atol=1e-4, rtol=1e-4)
 
 
 def test_linear_replacement_skips_a_run_at_layer_zero_and_rejects_empty_calibration():
     model = deep("llama")
     assert surgery.linear_replacements(model, [(0, 1)], [padded_batch()]) == {}
-    with pytest.raises(ValueError, match="calibration is empty"):
+    with pytest.raises(ValueError, match="needs calibration data"):
         surgery.drop_layers(model, [1], calibration=[])
     assert arch.num_layers(model) == 4
 

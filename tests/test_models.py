@@ -47,7 +47,7 @@ def test_unknown_role_is_a_clear_error():
 
 
 def test_gated_message_names_the_fix():
-    message = models._hub_error_message("meta-llama/Llama-3.2-1B", OSError("401 Client Error: gated repo"))
+    message = models.hub_error_message("meta-llama/Llama-3.2-1B", OSError("401 Client Error: gated repo"))
     assert "accept its license" in message and "login" in message and "SmolLM2" in message
 
 

@@ -207,7 +207,7 @@ def test_refit_with_every_neuron_kept_is_the_identity(family):
     weight = out.weight.detach() if isinstance(out, nn.Linear) else out.weight.detach().T
     bias = out.bias.detach() if out.bias is not None else None
     keep = torch.arange(arch.mlp_parts(model, 0).width)
-    new_weight, new_bias = surgery.refit_output(weight, bias, stats[0], keep, ridge=0.0)
+    new_weight, new_bias = surgery.refit_output(weight, bias, stats[0], keep, shrink_to_slice=0.0)
     torch.testing.assert_close(new_weight, weight, atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(new_bias, bias if bias is not None else torch.zeros_like(new_bias),
                                atol=2e-3, rtol=1e-3)

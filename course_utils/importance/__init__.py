@@ -1,0 +1,41 @@
+"""How much each part of a model matters; higher = more important everywhere.
+
+- ``neurons``: MLP neurons (static weight scores and data-aware ones, the ``METHODS`` registry);
+- ``layers``: whole decoder layers (depth pruning);
+- ``attention``: attention sub-layers (attention bypass).
+
+Every public name is re-exported here, so ``importance.block_influence`` and
+``importance.neurons.block_influence``-style paths both read naturally in a notebook.
+"""
+
+from ..data import require_batches
+from ..hooks import TokenStats
+from .attention import attention_importance
+from .layers import angular_distance, block_influence, greedy_layers, removal_loss
+from .neurons import (
+    METHODS,
+    Scorer,
+    activation_norm,
+    check_calibration,
+    collect_stats,
+    flap,
+    get_scorer,
+    input_rows,
+    l1_norm,
+    l2_norm,
+    max_abs,
+    max_plus_min,
+    output_columns,
+    product_of_norms,
+    score_layer,
+    score_model,
+    wanda_like,
+    weight_variance,
+)
+
+__all__ = [
+    "METHODS", "Scorer", "TokenStats", "activation_norm", "angular_distance", "attention_importance",
+    "block_influence", "check_calibration", "collect_stats", "flap", "get_scorer", "greedy_layers", "input_rows",
+    "l1_norm", "l2_norm", "max_abs", "max_plus_min", "output_columns", "product_of_norms", "removal_loss",
+    "require_batches", "score_layer", "score_model", "wanda_like", "weight_variance",
+]

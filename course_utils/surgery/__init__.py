@@ -1,0 +1,39 @@
+"""Surgery: edits that change a model's structure for real (smaller modules, fewer layers).
+
+- ``width``: MLP neurons (``prune_mlp``, ``remove_mlp_neurons``);
+- ``depth``: whole decoder layers (``drop_layers``).
+Attention bypass lives in ``course_utils.bypass``; head pruning, sparsity masks and quantization join
+this package in lessons 10-12.
+
+Every edit has the same shape, ``edit(model, what, *, calibration=None, protect=(), ...)``: it validates
+everything before the first change (a ``ValueError`` leaves the model bit-identical), edits in place,
+keeps the config in step (``structure.sync``) and appends an ``EditReport`` to
+``structure.history(model)``. The helpers the lessons call through ``surgery`` (ratios and allocation,
+sensitivity probes, closed-form refits) are re-exported here from the modules that own them.
+"""
+
+from .. import structure
+from ..allocation import (
+    CURVE_GRID,
+    allocate_from_curves,
+    allocate_ratios,
+    check_ratio,
+    kept_width,
+    select_neurons,
+)
+from ..arch import check_layer_set
+from ..refit import linear_replacements, obs_keep, refit_after_removal, refit_output, sequential_obs
+from ..sensitivity import damage_curves, layer_sensitivity
+from ..streams import layer_inputs
+from .depth import contiguous_runs, drop_layers
+from .width import ALLOCATIONS, SELECTIONS, PruneReport, check_keep, prune_mlp, remove_mlp_neurons
+
+sync_structure_config = structure.sync  # the name lessons 04-05 knew
+
+__all__ = [
+    "ALLOCATIONS", "CURVE_GRID", "SELECTIONS", "PruneReport", "allocate_from_curves", "allocate_ratios",
+    "check_keep", "check_layer_set", "check_ratio", "contiguous_runs", "damage_curves", "drop_layers",
+    "kept_width", "layer_inputs", "layer_sensitivity", "linear_replacements", "obs_keep", "prune_mlp",
+    "refit_after_removal", "refit_output", "remove_mlp_neurons", "select_neurons", "sequential_obs",
+    "sync_structure_config",
+]
