@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import arch, evaluation, importance, structure
+from . import arch, evaluation, structure
 from .anatomy import count_parameters
 from .data import require_batches
+from .importance.attention import attention_importance
 
 CALIBRATION_VERSION = 1
 
@@ -124,7 +125,7 @@ def choose_bypass(model: nn.Module, calibration: list[dict], n_layers: int, iter
     require_batches(calibration, "choose_bypass", model)
     excluded = protect | set(bypassed_layers(model))
     chosen: list[int] = []
-    scores = importance.attention_importance(model, calibration)
+    scores = attention_importance(model, calibration)
     while len(chosen) < n_layers:
         order = [i for i in scores.argsort().tolist() if i not in excluded and i not in chosen]
         if not iterative:
@@ -132,7 +133,7 @@ def choose_bypass(model: nn.Module, calibration: list[dict], n_layers: int, iter
         chosen.append(order[0])
         if len(chosen) < n_layers:
             with skipping(model, chosen):
-                scores = importance.attention_importance(model, calibration)
+                scores = attention_importance(model, calibration)
     return chosen
 
 

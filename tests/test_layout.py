@@ -4,6 +4,7 @@ no private name used outside its module, and a non-editable install that ships e
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import zipfile
@@ -112,3 +113,24 @@ def test_wheel_ships_every_subpackage(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")}
     assert expected <= names, sorted(expected - names)
+
+
+def _readme_floors() -> dict[str, int]:
+    """Module name -> floor, from the package table of the README (``| floor | `course_utils/x.py` | ... |``)."""
+    floors = {}
+    readme = (PACKAGE.parent / "README.md").read_text()
+    for floor, path in re.findall(r"^\| (\d+) \| `(course_utils/[\w/]+\.py)` \|", readme, flags=re.M):
+        parts = Path(path).with_suffix("").parts
+        floors[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = int(floor)
+    return floors
+
+
+def test_readme_table_lists_every_module_and_imports_go_down_it():
+    modules = _modules()
+    floors = _readme_floors()
+    assert set(floors) == set(modules), (f"README package table misses {sorted(set(modules) - set(floors))}, "
+                                         f"lists unknown {sorted(set(floors) - set(modules))}")
+    upward = [f"{name} (floor {floors[name]}) imports {target} (floor {floors[target]})"
+              for name, path in modules.items() for target in _imports(name, path, modules)
+              if floors[target] >= floors[name]]
+    assert not upward, upward
