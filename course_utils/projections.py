@@ -55,10 +55,14 @@ def sliced(module: nn.Module, keep: torch.Tensor, dim: str) -> nn.Module:
         new = nn.Linear(n_in, n_out, bias=module.bias is not None) if isinstance(module, nn.Linear) \
             else Conv1D(n_out, n_in)  # Conv1D(nf=out, nx=in)
     stored = weight if isinstance(module, nn.Linear) else weight.T
-    new.weight = nn.Parameter(stored.clone(), requires_grad=module.weight.requires_grad)
+    # contiguous: a transposed view would take another matmul kernel than the saved (contiguous) copy,
+    # and the reloaded model would differ in the last bits
+    new.weight = nn.Parameter(stored.clone(memory_format=torch.contiguous_format),
+                              requires_grad=module.weight.requires_grad)
     if module.bias is not None:
         bias = module.bias.detach()
-        new.bias = nn.Parameter((bias[keep] if dim == "out" else bias).clone(), requires_grad=module.bias.requires_grad)
+        new.bias = nn.Parameter((bias[keep] if dim == "out" else bias).clone(memory_format=torch.contiguous_format),
+                                requires_grad=module.bias.requires_grad)
     new.train(module.training)
     return new
 

@@ -190,3 +190,11 @@ def test_gqa_groups():
     assert parts.group_size == 2 and parts.groups() == [[0, 1], [2, 3]]
     gpt2 = arch.attention_parts(tiny_gpt2(), 0)
     assert gpt2.group_size == 1 and gpt2.groups() == [[0], [1]]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_sliced_weights_are_stored_contiguous(family):
+    """A transposed view would compute in another order than the saved copy: reloads would differ in the last bits."""
+    model = tiny(family)
+    surgery.prune_mlp(model, 0.3, method="l1")
+    assert all(p.is_contiguous() for p in model.parameters())
