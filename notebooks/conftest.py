@@ -3,7 +3,7 @@
 nbval makes one test item per code cell; this sums setup + call + teardown of every item per notebook
 (the kernel start counts towards the first cell) and prints the table at the end of the session, next
 to the per-notebook budget of the README (lesson 3 min, solutions 2 min on 2 cores). With
-``COURSE_NB_TIMES=path.json`` the table is also written as JSON.
+``COURSE_NB_TIMES=path.json`` the table (and the 40 slowest cells) is also written as JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ BUDGET_S = {"lesson": 180, "solutions": 120}  # per-notebook budget on a quiet 2
 _seconds: dict[str, float] = defaultdict(float)
 _cells: dict[str, int] = defaultdict(int)
 _failed: set[str] = set()
+_cell_seconds: dict[str, float] = defaultdict(float)
 
 
 def _notebook(nodeid: str) -> str | None:
@@ -28,6 +29,7 @@ def pytest_runtest_logreport(report) -> None:
     if notebook is None:
         return
     _seconds[notebook] += report.duration
+    _cell_seconds[report.nodeid] += report.duration
     if report.when == "call":
         _cells[notebook] += 1
     if report.failed:
@@ -53,4 +55,6 @@ def pytest_terminal_summary(terminalreporter) -> None:
     target = os.environ.get("COURSE_NB_TIMES")
     if target:
         with open(target, "w", encoding="utf-8") as handle:
-            json.dump({"total_seconds": round(total, 1), "notebooks": rows}, handle, indent=1)
+            slowest = sorted(_cell_seconds.items(), key=lambda item: -item[1])[:40]
+            json.dump({"total_seconds": round(total, 1), "notebooks": rows,
+                       "slowest_cells": [{"cell": c, "seconds": round(t, 1)} for c, t in slowest]}, handle, indent=1)
