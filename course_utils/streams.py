@@ -8,6 +8,8 @@ and keeps what that layer receives; each layer can then run alone: ``layer(hidde
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -97,13 +99,18 @@ def output_moments(activations: list[torch.Tensor], mids: list[torch.Tensor], ta
 
 @torch.no_grad()
 def loss_from(model: nn.Module, index: int, stream: list[torch.Tensor], arguments: list[dict],
-              calibration: list[dict]) -> float:
-    """``evaluation.calibration_loss`` computed from the hidden states entering decoder layer ``index``."""
+              calibration: list[dict], skip: Iterable[int] = ()) -> float:
+    """``evaluation.calibration_loss`` computed from the hidden states entering decoder layer ``index``.
+
+    Layers in ``skip`` pass their input through (as if removed), like ``hooks.skip_layers``.
+    """
     norm = arch.get_module(model, arch.get_spec(model).final_norm)
     head = model.get_output_embeddings()
+    skip = set(skip)
+    later = [layer for i, layer in enumerate(arch.decoder_layers(model)) if i >= index and i not in skip]
     total, count = 0.0, 0
     for hidden, kwargs, batch in zip(stream, arguments, calibration, strict=True):
-        for layer in arch.decoder_layers(model)[index:]:
+        for layer in later:
             hidden = hooks.hidden_of(layer(hidden, **kwargs))
         loss, tokens = next_token_loss(head(norm(hidden)), batch)
         total, count = total + loss, count + tokens

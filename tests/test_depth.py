@@ -171,6 +171,25 @@ def test_removal_loss_on_a_shortlist_scores_only_the_candidates():
     assert torch.isfinite(short[[1, 3]]).all() and torch.isfinite(full).all()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removal_loss_equals_full_forward_passes_with_the_layers_skipped(family):
+    """The layer-to-layer stream gives what the definition says: a full forward pass with the layers skipped."""
+    from course_utils import evaluation
+
+    model = deep(family, n=5)
+    batches = [padded_batch(seed=s, batch=3, seq=10) for s in range(2)]
+    skip, candidates = {1}, [0, 2, 4]
+    streamed = importance.removal_loss(model, batches, skip=skip, candidates=candidates)
+    with hooks.skip_layers(model, skip):
+        base = evaluation.calibration_loss(model, batches)
+    for index in candidates:
+        with hooks.skip_layers(model, skip | {index}):
+            reference = evaluation.calibration_loss(model, batches) - base
+        assert abs(streamed[index].item() - reference) < 1e-5, index
+    assert streamed[1] == 0 and torch.isinf(streamed[3])
+    assert hooks.count_hooks(model) == 0
+
+
 def test_contiguous_runs():
     assert surgery.contiguous_runs([7, 3, 4]) == [(3, 4), (7, 7)]
     assert surgery.contiguous_runs([]) == []

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import arch, hooks
+from .. import arch, hooks, streams
 from ..data import require_batches
-from ..evaluation import calibration_loss
 
 
 @torch.no_grad()
@@ -75,23 +74,29 @@ def removal_loss(model: nn.Module, calibration: list[dict], skip: Iterable[int] 
     """The direct criterion: calibration loss increase (nats/token) when each layer alone is removed.
 
     Shortened LLaMA (Kim et al. 2024) ranks layers by the perplexity they cost; this is its log form.
-    Layers in ``skip`` are treated as already removed (entry 0). It costs one calibration pass per layer,
-    so ``candidates`` can restrict it to a shortlist (e.g. the lowest ``block_influence``); the other
-    entries are ``inf``.
+    Layers in ``skip`` are treated as already removed (entry 0). ``candidates`` can restrict it to a
+    shortlist (e.g. the lowest ``block_influence``); the other entries are ``inf``. Each probe starts at its
+    layer: the hidden states entering it are carried from layer to layer (``streams``), so a probe of layer l
+    runs only the layers after l, and nothing runs past the last candidate.
     """
     require_batches(calibration, "removal_loss", model)
-    skip = set(skip)
+    skip = {arch.check_layer_index(model, i) for i in skip}
     n = arch.num_layers(model)
     candidates = set(range(n)) if candidates is None else {arch.check_layer_index(model, i) for i in candidates}
-    with hooks.skip_layers(model, skip):
-        base = calibration_loss(model, calibration)
+    captured = streams.layer_inputs(model, calibration)
+    stream, arguments = [hidden for hidden, _ in captured], [kwargs for _, kwargs in captured]
+    base = streams.loss_from(model, 0, stream, arguments, calibration, skip=skip)
     result = torch.full((n,), float("inf"))
-    for index in range(n):
-        if index in skip:
-            result[index] = 0.0
-        elif index in candidates:
-            with hooks.skip_layers(model, skip | {index}):
-                result[index] = calibration_loss(model, calibration) - base
+    result[sorted(skip)] = 0.0
+    todo = sorted(candidates - skip)
+    for index, layer in enumerate(arch.decoder_layers(model)):
+        if not todo:
+            break
+        if index == todo[0]:
+            result[index] = streams.loss_from(model, index, stream, arguments, calibration, skip=skip | {index}) - base
+            todo.pop(0)
+        if index not in skip:
+            stream = streams.run_layer(layer, stream, arguments)
     return result
 
 
