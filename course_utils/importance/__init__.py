@@ -4,8 +4,8 @@
 - ``layers``: whole decoder layers (depth pruning);
 - ``attention``: attention sub-layers (attention bypass).
 
-Every public name is re-exported here, so ``importance.block_influence`` and
-``importance.neurons.block_influence``-style paths both read naturally in a notebook.
+Every public name is re-exported here: a notebook writes ``importance.block_influence``, and the
+source of it is in ``importance/layers.py``.
 """
 
 from ..data import require_batches
