@@ -102,12 +102,6 @@ register(StructureKey("mlp_biases", "biases on MLP projections of a family whose
                       _read_mlp_biases, add_mlp_biases))
 
 
-def enable_mlp_bias(model: nn.Module) -> None:
-    """Biased MLP projections and a config that says so: the stock flag (Llama) or the structure record."""
-    add_mlp_biases(model)
-    sync(model)
-
-
 def sync(model: nn.Module) -> nn.Module:
     """Write what the modules now look like into the config: stock keys, then every registry entry."""
     spec = arch.get_spec(model)
