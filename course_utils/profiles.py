@@ -83,7 +83,7 @@ class Profile:
 
 BUDGETS = {
     # 2-core CPU: a few thousand tokens per perplexity keeps every notebook within minutes.
-    "offline": dict(eval_tokens=4096, lastword_items=100, calib_samples=128, calib_seq_len=256, kd_steps=40),
+    "offline": dict(eval_tokens=4096, lastword_items=100, calib_samples=128, calib_seq_len=256, kd_steps=20),
     "full": dict(eval_tokens=None, lastword_items=None, calib_samples=128, calib_seq_len=512, kd_steps=1000),
 }
 
