@@ -34,7 +34,8 @@ def test_profile_resolution(monkeypatch):
     assert profiles.resolve_profile_name("offline") == "offline"  # the argument wins
     monkeypatch.delenv("COURSE_PROFILE")
     monkeypatch.setenv("COLAB_RELEASE_TAG", "x")
-    assert profiles.resolve_profile_name() == "full"
+    assert profiles.in_colab()
+    assert profiles.resolve_profile_name() == "offline"  # Colab runs the tested profile unless told otherwise
     assert profiles.get_profile("full").model_id("llama") == "meta-llama/Llama-3.2-1B"
     with pytest.raises(ValueError, match="unknown profile 'colab'"):
         profiles.resolve_profile_name("colab")

