@@ -141,6 +141,10 @@ def test_save_pruned_reloads_with_identical_logits(tmp_path, family, protect):
     assert "| method | l2 |" in card
     if protect:  # per-layer widths: a stock config cannot express them, and the card says so
         assert models.needs_custom_loader(reloaded.config) and "cannot build it" in card
+        # What lesson 03 says plain from_pretrained does with them: it builds every layer at the config's one
+        # width, reports the size mismatch and raises (it re-initialises only if told to ignore mismatches).
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            AutoModelForCausalLM.from_pretrained(path)
     else:
         plain = AutoModelForCausalLM.from_pretrained(path)
         torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=0)
