@@ -5,15 +5,32 @@ Usage: ``python -m course_utils.nbclean notebooks/*.ipynb`` (``make notebooks`` 
 
 from __future__ import annotations
 
+import re
 import sys
 
 import nbformat
 
 NOISY_METADATA = ("widgets", "colab", "accelerator", "gpuClass")
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+# A tqdm bar's plain-text fallback ("distil:   0%|          | 0/20 [00:00<?, ?it/s]"): without its widget it is
+# the bar frozen at its first frame, which reads like a run that never started.
+_FROZEN_BAR = re.compile(r"^[^\n]*\d+%\|[^|\n]*\| *[\d.]+[kMG]?/[\d.]+[kMG]? \[[^\n]*\]$")
+
+
+def is_progress_view(output: dict) -> bool:
+    """True for a progress-bar widget's output, with its widget view or as the frozen text it leaves behind."""
+    data = output.get("data", {})
+    if output.get("output_type") != "display_data":
+        return False
+    if WIDGET_VIEW in data:
+        return True
+    text = data.get("text/plain", "")
+    text = "".join(text) if isinstance(text, list) else text
+    return set(data) == {"text/plain"} and bool(_FROZEN_BAR.match(text.strip()))
 
 
 def clean(path: str) -> None:
-    """Remove widget state and Colab metadata; drop per-cell execution timing."""
+    """Remove widget state, progress-bar views and Colab metadata; drop per-cell execution timing."""
     nb = nbformat.read(path, as_version=4)
     for key in NOISY_METADATA:
         nb.metadata.pop(key, None)
@@ -21,8 +38,8 @@ def clean(path: str) -> None:
         cell.metadata.pop("execution", None)
         cell.metadata.pop("executionInfo", None)
         cell.metadata.pop("colab", None)
-        for output in cell.get("outputs", []):
-            output.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
+        if "outputs" in cell:
+            cell.outputs = [output for output in cell.outputs if not is_progress_view(output)]
     nbformat.write(nb, path)
 
 
