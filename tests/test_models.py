@@ -85,6 +85,18 @@ def test_smollm2_is_a_true_llama(smollm2):
 
 
 @pytest.mark.integration
+def test_smollm2_decoder_weights_sit_on_a_4bit_grid(smollm2):
+    """What lesson 00 and the README say about the offline Llama: it was dequantized from Q4_1 (at most 16 values
+    per block of 32 weights in the decoder layers), while the embeddings were stored more finely."""
+    model, _ = smollm2
+    for weight in (model.model.layers[3].mlp.up_proj.weight, model.model.layers[20].self_attn.q_proj.weight):
+        blocks = weight.detach().reshape(-1, 32)[:1024]
+        assert max(block.unique().numel() for block in blocks) <= 16
+    embedding = model.model.embed_tokens.weight.detach().reshape(-1, 32)[:1024]
+    assert max(block.unique().numel() for block in embedding) > 16
+
+
+@pytest.mark.integration
 def test_smollm2_cache_is_reused(smollm2):
     cached = models.smollm2_dir()
     stamp = os.path.getmtime(cached / "model.safetensors")
