@@ -184,9 +184,15 @@ def token_windows(tokenizer, texts: list[str], seq_len: int = 256, batch_size: i
     return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]
 
 
-def to_device(batch: dict, model) -> dict:
-    """The batch's tensors moved to where ``model``'s first parameter lives (CPU, a Colab GPU, ...)."""
+def to_device(batch, model):
+    """``batch`` moved to where ``model``'s first parameter lives (CPU, a Colab GPU, ...).
+
+    A dict (or a tokenizer's ``BatchEncoding``) gets its tensors moved and comes back as a dict; a tensor (token ids)
+    comes back moved. The one way a lesson's inputs reach its model, so every notebook runs unchanged on a GPU.
+    """
     device = next(model.parameters()).device
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 

@@ -71,3 +71,18 @@ def test_token_windows_are_full_unpadded_and_seeded():
     assert len(data.token_windows(CharTok(), texts, seq_len=16, max_windows=5, batch_size=2)) == 3
     with pytest.raises(ValueError, match="fewer than one window"):
         data.token_windows(CharTok(), ["short"], seq_len=64)
+
+
+def test_to_device_moves_dicts_encodings_and_tensors_to_the_models_device():
+    model = torch.nn.Linear(2, 2).to(torch.float64)  # "device" here: where its first parameter lives
+    meta = torch.nn.Linear(2, 2, device="meta")
+    ids = torch.tensor([[1, 2, 3]])
+    assert data.to_device(ids, meta).device.type == "meta"
+    moved = data.to_device({"input_ids": ids, "note": "kept"}, meta)
+    assert moved["input_ids"].device.type == "meta" and moved["note"] == "kept"
+    from transformers import BatchEncoding
+
+    encoding = data.to_device(BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)}), meta)
+    assert set(encoding) == {"input_ids", "attention_mask"} and encoding["attention_mask"].device.type == "meta"
+    same = data.to_device(ids, model)  # already there: the very tensor back, nothing copied
+    assert same is ids
