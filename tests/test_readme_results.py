@@ -25,7 +25,8 @@ def lesson_rows():
 
 def outputs_text(notebook):
     cells = json.loads((ROOT / notebook).read_text())["cells"]
-    return "\n".join("".join(o.get("text", "")) for c in cells if c["cell_type"] == "code" for o in c.get("outputs", []))
+    outputs = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    return "\n".join("".join(o.get("text", "")) for o in outputs)
 
 
 def test_every_lesson_quotes_a_result_its_notebook_printed():
