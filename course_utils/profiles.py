@@ -165,6 +165,8 @@ def environment_report(profile: Profile) -> list[str]:
     gpu = f" ({torch.cuda.get_device_name(0)})" if profile.device.type == "cuda" else ""
     rows.append((True, f"device: {profile.device}{gpu}"))
     rows.append((True, f"profile: {profile.name} (text: {profile.text})"))
+    if in_colab() and profile.offline:
+        rows.append((True, "Colab: the tested offline profile; set COURSE_PROFILE=full before setup() to opt in"))
     for role, model_id in profile.models.items():
         rows.append((True, f"model [{role}]: {model_id}"))
     budget = "whole split" if profile.eval_tokens is None else f"{profile.eval_tokens} held-out tokens"

@@ -36,6 +36,8 @@ def test_profile_resolution(monkeypatch):
     monkeypatch.setenv("COLAB_RELEASE_TAG", "x")
     assert profiles.in_colab()
     assert profiles.resolve_profile_name() == "offline"  # Colab runs the tested profile unless told otherwise
+    report = profiles.environment_report(profiles.get_profile("offline"))
+    assert any(line.startswith("[OK] Colab: the tested offline profile") for line in report)
     assert profiles.get_profile("full").model_id("llama") == "meta-llama/Llama-3.2-1B"
     with pytest.raises(ValueError, match="unknown profile 'colab'"):
         profiles.resolve_profile_name("colab")
