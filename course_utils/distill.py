@@ -14,6 +14,10 @@ depth-pruned students keep the model width, so the hidden states compare directl
 one GPU, or several GPUs under ``accelerate launch`` (with an FSDP or DeepSpeed config for models that
 do not fit one device). The student trains in place (no second copy); the teacher runs in inference
 mode (no gradients). ``alpha=0`` is plain cross-entropy fine-tuning, and then the teacher is never run.
+
+Several runs that share a teacher and a list of training batches (comparing losses, temperatures or
+students) can share the teacher's work too: pass one ``TeacherCache`` to each. The teacher then runs
+once per batch over all the runs, and every run gives exactly the result it gives without the cache.
 """
 
 from __future__ import annotations
@@ -155,6 +159,36 @@ def freeze_all_but_mlp(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+class TeacherCache:
+    """The teacher's outputs on one list of training batches, computed on first use, reused after.
+
+    Offline distillation in its simplest form: on a CPU the teacher's forward pass is about a third of
+    a distillation step, and a sweep of runs over the same batches needs it once. Outputs stay on the
+    device the teacher ran on; the logits take ``4 * vocab`` bytes per token (SmolLM2: about 200 KB per
+    token, 1 GB for 10 steps of 4 x 128 tokens), so cache short sweeps, not long runs.
+    """
+
+    def __init__(self, teacher: nn.Module, batches: list[dict]):
+        self.teacher, self.batches = teacher, batches
+        self.logits: dict[int, torch.Tensor] = {}
+        self.hidden: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def check(self, teacher: nn.Module, batches: list[dict]) -> None:
+        if teacher is not self.teacher or batches is not self.batches:
+            raise ValueError("this TeacherCache was built for another teacher or another list of batches: make "
+                             "one TeacherCache(teacher, batches) per pair and pass that same list to distill")
+
+    def outputs(self, index: int, teacher: nn.Module, batch: dict, want_hidden: bool):
+        """(logits, hidden states or None) of the teacher on ``batches[index]``, computed at most once."""
+        if index not in self.logits or (want_hidden and index not in self.hidden):
+            with torch.no_grad():
+                out = teacher(**batch, use_cache=False, output_hidden_states=want_hidden)
+            self.logits[index] = out.logits
+            if want_hidden:
+                self.hidden[index] = out.hidden_states
+        return self.logits[index], self.hidden.get(index) if want_hidden else None
+
+
 @dataclass
 class History:
     """What one run measured: losses per step and held-out scores at the evaluation steps."""
@@ -182,21 +216,21 @@ def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _batch_stream(batches: list[dict], steps: int, seed: int) -> Iterable[dict]:
-    """``steps`` batches: passes over ``batches``, each in a fresh seeded order."""
+def _batch_stream(indices: list[int], steps: int, seed: int) -> Iterable[int]:
+    """``steps`` batch indices: passes over ``indices``, each in a fresh seeded order."""
     generator = torch.Generator().manual_seed(seed)
     done = 0
     while done < steps:
-        for i in torch.randperm(len(batches), generator=generator).tolist():
+        for i in torch.randperm(len(indices), generator=generator).tolist():
             if done == steps:
                 return
-            yield batches[i]
+            yield indices[i]
             done += 1
 
 
 def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], config: DistillConfig,
             evaluate: Callable[[nn.Module], float] | None = None, name: str = "kd",
-            accelerator=None, progress: bool = True) -> History:
+            accelerator=None, progress: bool = True, teacher_cache: TeacherCache | None = None) -> History:
     """Train ``student`` in place on ``batches`` (dicts with ``input_ids`` and ``attention_mask``).
 
     - ``teacher``: the unpruned model (inference only); may be ``None`` when ``config.alpha == 0`` and no
@@ -206,6 +240,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], 
     - ``accelerator``: an ``accelerate.Accelerator`` (one is made if omitted); under ``accelerate launch``
       it wraps the student (DDP / FSDP / DeepSpeed, from the launch config) and gives each process
       every n-th batch.
+    - ``teacher_cache``: a ``TeacherCache(teacher, batches)`` shared by several runs on the same batches.
     Only parameters with ``requires_grad`` train (see ``freeze_all_but_mlp``).
     """
     from accelerate import Accelerator
@@ -220,6 +255,8 @@ def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], 
         check_pair(teacher, student)
         if config.hidden_weight > 0:
             _check_hidden_layers(teacher, student, config.hidden_layers)
+        if teacher_cache is not None:
+            teacher_cache.check(teacher, batches)
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the student has no trainable parameters (did you freeze everything?)")
@@ -230,8 +267,9 @@ def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], 
     if needs_teacher:
         teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
         teacher.eval()
+    indices = list(range(len(batches)))
     if accelerator.num_processes > 1:  # each process trains on its own share of the batches
-        batches = batches[accelerator.process_index::accelerator.num_processes]
+        indices = indices[accelerator.process_index::accelerator.num_processes]
     history = History(name=name)
 
     def run_eval(step: int) -> None:
@@ -249,19 +287,21 @@ def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], 
     student.train()
     bar = tqdm(total=config.steps, desc=name, disable=not (progress and accelerator.is_local_main_process))
     want_hidden = config.hidden_weight > 0
-    for step, batch in enumerate(_batch_stream(batches, config.steps, config.seed), start=1):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    for step, index in enumerate(_batch_stream(indices, config.steps, config.seed), start=1):
+        batch = {k: v.to(accelerator.device) for k, v in batches[index].items()}
         mask = batch.get("attention_mask")
-        teacher_out = None
-        if needs_teacher:
+        teacher_logits = teacher_hidden = None
+        if needs_teacher and teacher_cache is not None:
+            teacher_logits, teacher_hidden = teacher_cache.outputs(index, teacher, batch, want_hidden)
+        elif needs_teacher:
             with torch.no_grad():
                 teacher_out = teacher(**batch, use_cache=False, output_hidden_states=want_hidden)
+            teacher_logits, teacher_hidden = teacher_out.logits, teacher_out.hidden_states
         out = student(**batch, use_cache=False, output_hidden_states=want_hidden)
-        teacher_logits = teacher_out.logits if teacher_out is not None else None
         loss = kd_loss(out.logits, teacher_logits, batch["input_ids"], mask, config.alpha, config.temperature)
         total = loss.total
         if want_hidden:
-            h_loss = hidden_loss(out.hidden_states, teacher_out.hidden_states, config.hidden_layers, mask)
+            h_loss = hidden_loss(out.hidden_states, teacher_hidden, config.hidden_layers, mask)
             total = total + config.hidden_weight * h_loss
             loss.hidden = float(h_loss.detach())
         optimiser.zero_grad(set_to_none=True)

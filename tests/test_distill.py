@@ -166,3 +166,24 @@ def test_gap_recovered():
     assert distill.gap_recovered(10.0, 20.0, 15.0, log=False) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="no gap"):
         distill.gap_recovered(10.0, 9.0, 9.5)
+
+
+def test_teacher_cache_gives_the_uncached_result_and_runs_the_teacher_once_per_batch():
+    teacher = tiny_llama()
+    batches = [padded_batch(seed=s) for s in range(3)]
+    calls = []
+    handle = teacher.register_forward_hook(lambda *args: calls.append(1))
+    cache = distill.TeacherCache(teacher, batches)
+    runs = [dict(alpha=0.5), dict(alpha=1.0, temperature=2.0),
+            dict(alpha=0.5, hidden_weight=0.5, hidden_layers={0: 0, 1: 1})]
+    for overrides in runs:
+        config = distill.DistillConfig(steps=5, lr=1e-3, warmup_steps=1, eval_every=0, **overrides)
+        plain = distill.distill(tiny_llama(seed=1), teacher, batches, config, progress=False)
+        cached = distill.distill(tiny_llama(seed=1), teacher, batches, config, progress=False, teacher_cache=cache)
+        assert cached.loss == plain.loss and cached.soft == plain.soft  # bit-identical
+    handle.remove()
+    # uncached runs: 3 x 5 teacher passes; cached: 3 batches once, then 3 again for the hidden states
+    assert len(calls) == 3 * 5 + 3 + 3
+    with pytest.raises(ValueError, match="another teacher or another list"):
+        distill.distill(tiny_llama(seed=1), teacher, list(batches), distill.DistillConfig(steps=1),
+                        progress=False, teacher_cache=cache)
