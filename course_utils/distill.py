@@ -178,6 +178,15 @@ class TeacherCache:
             raise ValueError("this TeacherCache was built for another teacher or another list of batches: make "
                              "one TeacherCache(teacher, batches) per pair and pass that same list to distill")
 
+    def fill(self, config: DistillConfig, device: torch.device | str | None = None) -> None:
+        """Compute now what a one-process run with ``config`` will ask for, so that every run's clock (and
+        its seconds per step) measures the student alone."""
+        device = device or next(self.teacher.parameters()).device
+        want_hidden = config.hidden_weight > 0
+        for index in _batch_stream(list(range(len(self.batches))), config.steps, config.seed):
+            batch = {k: v.to(device) for k, v in self.batches[index].items()}
+            self.outputs(index, self.teacher, batch, want_hidden)
+
     def outputs(self, index: int, teacher: nn.Module, batch: dict, want_hidden: bool):
         """(logits, hidden states or None) of the teacher on ``batches[index]``, computed at most once."""
         if index not in self.logits or (want_hidden and index not in self.hidden):

@@ -61,7 +61,6 @@ def _probe_damage(model: nn.Module, stats: dict[int, TokenStats], calibration: l
     device = next(model.parameters()).device
     captured = streams.layer_inputs(model, calibration)
     stream, arguments = [hidden for hidden, _ in captured], [kwargs for _, kwargs in captured]
-    base = streams.loss_from(model, 0, stream, arguments, calibration)
     result = torch.zeros(arch.num_layers(model), len(ratios))
     for index, layer in enumerate(arch.decoder_layers(model)):
         order = importance.score_layer(model, index, method, stats.get(index)).argsort()
@@ -87,8 +86,9 @@ def _probe_damage(model: nn.Module, stats: dict[int, TokenStats], calibration: l
 
                 handle = output.register_forward_pre_hook(silence)
             try:
-                result[index, column] = streams.loss_from(model, index, stream, arguments, calibration) - base
+                result[index, column] = streams.loss_from(model, index, stream, arguments, calibration)
             finally:
                 handle.remove()
         stream = streams.run_layer(layer, stream, arguments)
-    return result
+    # the stream has now run the whole unchanged model: its loss is the base, for the cost of the head alone
+    return result - streams.loss_from(model, arch.num_layers(model), stream, arguments, calibration)

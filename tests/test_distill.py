@@ -181,9 +181,14 @@ def test_teacher_cache_gives_the_uncached_result_and_runs_the_teacher_once_per_b
         plain = distill.distill(tiny_llama(seed=1), teacher, batches, config, progress=False)
         cached = distill.distill(tiny_llama(seed=1), teacher, batches, config, progress=False, teacher_cache=cache)
         assert cached.loss == plain.loss and cached.soft == plain.soft  # bit-identical
-    handle.remove()
     # uncached runs: 3 x 5 teacher passes; cached: 3 batches once, then 3 again for the hidden states
     assert len(calls) == 3 * 5 + 3 + 3
+    filled = distill.TeacherCache(teacher, batches)
+    filled.fill(distill.DistillConfig(steps=2))  # two steps visit two of the three batches
+    distill.distill(tiny_llama(seed=1), teacher, batches, distill.DistillConfig(steps=2), progress=False,
+                    teacher_cache=filled)  # ... and the run then finds both in the cache
+    handle.remove()
+    assert len(filled.logits) == 2 and len(calls) == 3 * 5 + 3 + 3 + 2
     with pytest.raises(ValueError, match="another teacher or another list"):
         distill.distill(tiny_llama(seed=1), teacher, list(batches), distill.DistillConfig(steps=1),
                         progress=False, teacher_cache=cache)
