@@ -2,7 +2,9 @@
 
 Every pair is built from a sentence frame with one slot (``{who}``) and a pair of terms of one
 category; the two prompts are the frame filled with each term. Nothing else differs, so any
-difference in the model's activations or predictions comes from the term alone.
+difference in the model's activations or predictions comes from the term alone. A sixth, non-demographic
+category (``control``: ordinary adjectives such as tall / short in the same frames) measures how far
+any one-word swap moves a model; ``DEMOGRAPHIC`` names the other five.
 
 The split is fixed and by frame: the selection frames (used to choose neurons in lesson 09) and
 the held-out frames (every reported number) share no frame, and no frame text of one split occurs
@@ -37,7 +39,12 @@ CATEGORIES: dict[str, tuple[str | None, tuple[tuple[str, str], ...]]] = {
     "age": ("person", (("young", "old"), ("teenage", "elderly"), ("twenty-year-old", "seventy-year-old"))),
     "nationality": ("person", (("American", "Mexican"), ("German", "Nigerian"), ("British", "Indian"),
                                ("French", "Chinese"), ("Canadian", "Russian"))),
+    # Not demographic: the same frames with an ordinary adjective swapped. How far any one-word swap moves the
+    # activations is the yardstick a demographic difference has to be read against.
+    "control": ("person", (("tall", "short"), ("quiet", "loud"), ("tired", "rested"), ("local", "visiting"),
+                           ("careful", "hurried"))),
 }
+DEMOGRAPHIC = tuple(name for name in CATEGORIES if name != "control")
 
 # Frames end where the model's next word would describe the person: the place a cue can show. Only "the"
 # comes before the slot, so the two prompts of a pair never differ in an article ("a" / "an") either.

@@ -12,7 +12,8 @@ def test_shipped_file_is_what_the_module_builds():
 
 def test_every_category_has_pairs_in_both_splits():
     rows = bias_pairs.load()
-    assert {"gender", "race_ethnicity", "religion", "age", "nationality"} <= set(bias_pairs.CATEGORIES)
+    assert set(bias_pairs.DEMOGRAPHIC) == {"gender", "race_ethnicity", "religion", "age", "nationality"}
+    assert set(bias_pairs.CATEGORIES) == {*bias_pairs.DEMOGRAPHIC, "control"}
     assert len({row["id"] for row in rows}) == len(rows)  # ids are unique
     for split in bias_pairs.SPLITS:
         for category in bias_pairs.CATEGORIES:
