@@ -13,7 +13,10 @@ Measured quantities (all zero for identical prompts and symmetric in the order o
 - ``internal_bias``: per layer, the mean over pairs of the relative distance
   2 ||a_A - a_B|| / (||a_A|| + ||a_B||) between the two activation vectors, a scale-free number;
 - ``next_token_shift``: per pair, the Jensen-Shannon divergence (nats) between the model's next-token
-  distributions after the two prompts, an output-level measure that needs no labels.
+  distributions after the two prompts, an output-level measure that needs no labels;
+- ``specific_reaction``: per neuron, the reaction to demographic swaps minus the reaction to control swaps
+  (ordinary adjectives in the same frames), over the neuron's typical |activation| (lesson 08, section 3).
+``measure_pairs`` gives the activations and the next-token shift from one forward pass per prompt.
 Prompts run in right-padded batches; padding never enters a number (tested against one prompt at a time).
 """
 
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hooks
+from .data import to_device
 
 
 @dataclass
@@ -40,6 +44,21 @@ class PairActivations:
     def difference(self) -> torch.Tensor:
         """(layers, pairs, width) signed difference a - b."""
         return self.a - self.b
+
+    def subset(self, index: list[int]) -> PairActivations:
+        """The pairs at ``index`` (e.g. one category's rows)."""
+        return PairActivations(self.layers, self.a[:, index], self.b[:, index])
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """(layers, width): each neuron's typical |activation| over both prompts of every pair."""
+        return (self.a.abs().mean(1) + self.b.abs().mean(1)) / 2
+
+
+def category_index(rows: list[dict], names) -> list[int]:
+    """Positions of the rows (pairs) whose category is in ``names``."""
+    names = {names} if isinstance(names, str) else set(names)
+    return [i for i, row in enumerate(rows) if row["category"] in names]
 
 
 def encode_pairs(tokenizer, pairs: list[dict]) -> list[tuple[list[int], list[int]]]:
@@ -86,26 +105,60 @@ def _pad_id(model: nn.Module) -> int:
     return 0 if pad is None else int(pad)
 
 
-@torch.no_grad()
-def pair_activations(model: nn.Module, encoded: list[tuple[list[int], list[int]]], layers=None,
-                     batch_size: int = 16) -> PairActivations:
-    """MLP intermediate activations of both prompts of every pair, averaged over their aligned positions."""
+def _check_encoded(model: nn.Module, encoded: list[tuple[list[int], list[int]]]) -> list[list[int]]:
     if not encoded:
         raise ValueError("no pairs: pass encode_pairs(tokenizer, bias_pairs.load(...))")
     sequences = [list(ids) for pair in encoded for ids in pair]  # a0, b0, a1, b1, ...
     vocab = model.get_input_embeddings().weight.shape[0]
     if max(max(s) for s in sequences) >= vocab:
         raise ValueError(f"token ids exceed the model's vocabulary ({vocab}): encode with this model's tokenizer")
+    return sequences
+
+
+@torch.no_grad()
+def measure_pairs(model: nn.Module, encoded: list[tuple[list[int], list[int]]], layers=None,
+                  batch_size: int = 16) -> tuple[PairActivations, torch.Tensor]:
+    """(MLP activations on the aligned positions, next-token JS shift per pair), from one pass per prompt."""
+    sequences = _check_encoded(model, encoded)
     positions = [p for a, b in encoded for p in aligned_positions(a, b)]
+    last = []
     with hooks.capture_mlp_activations(model, layers=layers, keep=True) as tap:
-        tap.run(model, _batches(sequences, batch_size, _pad_id(model)))
+        for batch in _batches(sequences, batch_size, _pad_id(model)):
+            tap.set_mask(batch["attention_mask"])
+            batch = to_device(batch, model)
+            logits = model(**batch, use_cache=False).logits  # (batch, seq, vocab)
+            ends = batch["attention_mask"].sum(1) - 1  # right padding: the last real token of each row
+            last.append(F.log_softmax(logits[torch.arange(len(ends)), ends].float(), dim=-1).cpu())
+        tap.mask = None
     lengths = [len(s) for s in sequences]
     means = []
     for index in tap.layers:
         rows = torch.split(tap.cat(index), lengths)  # one (length, width) block per prompt
         means.append(torch.stack([block[pos].float().mean(0) for block, pos in zip(rows, positions, strict=True)]))
     stacked = torch.stack(means)  # (layers, 2 * pairs, width)
-    return PairActivations(layers=list(tap.layers), a=stacked[:, 0::2].cpu(), b=stacked[:, 1::2].cpu())
+    acts = PairActivations(layers=list(tap.layers), a=stacked[:, 0::2].cpu(), b=stacked[:, 1::2].cpu())
+    log_p = torch.cat(last)  # (2 * pairs, vocab)
+    return acts, _js(log_p[0::2], log_p[1::2])
+
+
+def _js(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence (nats) between rows of two log-probability tables."""
+    log_m = torch.logsumexp(torch.stack([log_a, log_b]), dim=0) - torch.log(torch.tensor(2.0))
+    kl_a = (log_a.exp() * (log_a - log_m)).sum(-1)
+    kl_b = (log_b.exp() * (log_b - log_m)).sum(-1)
+    return (0.5 * (kl_a + kl_b)).clamp_min(0.0)
+
+
+def pair_activations(model: nn.Module, encoded: list[tuple[list[int], list[int]]], layers=None,
+                     batch_size: int = 16) -> PairActivations:
+    """MLP intermediate activations of both prompts of every pair, averaged over their aligned positions."""
+    return measure_pairs(model, encoded, layers, batch_size)[0]
+
+
+def next_token_shift(model: nn.Module, encoded: list[tuple[list[int], list[int]]], batch_size: int = 16
+                     ) -> torch.Tensor:
+    """(pairs,): Jensen-Shannon divergence (nats) between the next-token distributions after each prompt."""
+    return measure_pairs(model, encoded, layers=[0], batch_size=batch_size)[1]
 
 
 def activation_differences(acts: PairActivations) -> torch.Tensor:
@@ -120,24 +173,14 @@ def internal_bias(acts: PairActivations) -> torch.Tensor:
     return (2 * distance / scale).mean(1)
 
 
-@torch.no_grad()
-def next_token_shift(model: nn.Module, encoded: list[tuple[list[int], list[int]]], batch_size: int = 16
-                     ) -> torch.Tensor:
-    """(pairs,): Jensen-Shannon divergence (nats) between the next-token distributions after each prompt."""
-    if not encoded:
-        raise ValueError("no pairs: pass encode_pairs(tokenizer, bias_pairs.load(...))")
-    sequences = [list(ids) for pair in encoded for ids in pair]
-    device = next(model.parameters()).device
-    last = []
-    for batch in _batches(sequences, batch_size, _pad_id(model)):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(**batch, use_cache=False).logits  # (batch, seq, vocab)
-        ends = batch["attention_mask"].sum(1) - 1
-        last.append(F.log_softmax(logits[torch.arange(len(ends)), ends].float(), dim=-1).cpu())
-    log_p = torch.cat(last)
-    log_a, log_b = log_p[0::2], log_p[1::2]
-    log_m = torch.logsumexp(torch.stack([log_a, log_b]), dim=0) - torch.log(torch.tensor(2.0))
-    kl_a = (log_a.exp() * (log_a - log_m)).sum(-1)
-    kl_b = (log_b.exp() * (log_b - log_m)).sum(-1)
-    return (0.5 * (kl_a + kl_b)).clamp_min(0.0)
+def specific_reaction(demographic: PairActivations, control: PairActivations, eps: float = 1e-6) -> torch.Tensor:
+    """(layers, width): mean |a - b| over demographic pairs minus over control pairs, over typical |activation|.
 
+    Positive where a neuron reacts to demographic terms more than to any ordinary word swap. The scale is
+    taken over both sets of pairs, so layers with large activations do not rank first by size alone.
+    """
+    if demographic.layers != control.layers:
+        raise ValueError("demographic and control activations cover different layers: measure them together")
+    scale = (demographic.scale * demographic.a.shape[1] + control.scale * control.a.shape[1]) \
+        / (demographic.a.shape[1] + control.a.shape[1])
+    return (activation_differences(demographic) - activation_differences(control)) / (scale + eps)

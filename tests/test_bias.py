@@ -100,3 +100,27 @@ def test_every_shipped_pair_aligns_on_smollm2(smollm2):
     assert unequal == 0
     acts = bias.pair_activations(model, encoded[:8], layers=[0, 15])
     assert acts.a.shape == (2, 8, 1536) and float(bias.internal_bias(acts).min()) > 0
+
+
+def test_one_pass_gives_what_the_separate_measurements_give():
+    model = tiny_llama().eval()
+    pairs = _pairs(n=4)
+    acts, shift = bias.measure_pairs(model, pairs, batch_size=3)
+    alone = bias.pair_activations(model, pairs, batch_size=1)
+    assert torch.allclose(acts.a, alone.a, atol=1e-5) and torch.allclose(acts.b, alone.b, atol=1e-5)
+    assert torch.allclose(shift, bias.next_token_shift(model, pairs, batch_size=1), atol=1e-6)
+    some = acts.subset([1, 3])
+    assert torch.equal(some.a, acts.a[:, [1, 3]]) and torch.equal(some.b, acts.b[:, [1, 3]])
+
+
+def test_specific_reaction_is_the_demographic_minus_the_control_reaction_over_scale():
+    model = tiny_llama().eval()
+    acts = bias.pair_activations(model, _pairs(n=6))
+    rows = [{"category": c} for c in ("gender", "control", "age", "control", "gender", "control")]
+    demographic = acts.subset(bias.category_index(rows, ["gender", "age"]))
+    control = acts.subset(bias.category_index(rows, "control"))
+    expected = (bias.activation_differences(demographic) - bias.activation_differences(control)) / (acts.scale + 1e-6)
+    assert torch.allclose(bias.specific_reaction(demographic, control), expected, atol=1e-6)
+    assert float(bias.specific_reaction(control, control).abs().max()) == 0.0  # no reaction beyond the control
+    with pytest.raises(ValueError, match="different layers"):
+        bias.specific_reaction(demographic, bias.pair_activations(model, _pairs(n=2), layers=[0]))
