@@ -117,12 +117,19 @@ def _check_encoded(model: nn.Module, encoded: list[tuple[list[int], list[int]]])
 
 @torch.no_grad()
 def measure_pairs(model: nn.Module, encoded: list[tuple[list[int], list[int]]], layers=None,
-                  batch_size: int = 16) -> tuple[PairActivations, torch.Tensor]:
-    """(MLP activations on the aligned positions, next-token JS shift per pair), from one pass per prompt."""
+                  batch_size: int = 16, site: str = "mlp") -> tuple[PairActivations, torch.Tensor]:
+    """(activations on the aligned positions, next-token JS shift per pair), from one pass per prompt.
+
+    ``site="mlp"``: the MLP intermediate activations (one number per neuron); ``site="residual"``: each
+    decoder layer's output hidden state, whose size no MLP pruning changes (compare models pruned
+    differently there: a neuron that was removed cannot lower the average by being absent).
+    """
+    if site not in SITES:
+        raise ValueError(f"site must be one of {tuple(SITES)}; got {site!r}")
     sequences = _check_encoded(model, encoded)
     positions = [p for a, b in encoded for p in aligned_positions(a, b)]
     last = []
-    with hooks.capture_mlp_activations(model, layers=layers, keep=True) as tap:
+    with SITES[site](model, layers=layers, keep=True) as tap:
         for batch in _batches(sequences, batch_size, _pad_id(model)):
             tap.set_mask(batch["attention_mask"])
             batch = to_device(batch, model)
@@ -133,12 +140,17 @@ def measure_pairs(model: nn.Module, encoded: list[tuple[list[int], list[int]]], 
     lengths = [len(s) for s in sequences]
     means = []
     for index in tap.layers:
-        rows = torch.split(tap.cat(index), lengths)  # one (length, width) block per prompt
+        kept = tap.cat(index)
+        kept = kept[1] if isinstance(kept, tuple) else kept  # layer taps keep (inputs, outputs): the outputs
+        rows = torch.split(kept, lengths)  # one (length, width) block per prompt
         means.append(torch.stack([block[pos].float().mean(0) for block, pos in zip(rows, positions, strict=True)]))
     stacked = torch.stack(means)  # (layers, 2 * pairs, width)
     acts = PairActivations(layers=list(tap.layers), a=stacked[:, 0::2].cpu(), b=stacked[:, 1::2].cpu())
     log_p = torch.cat(last)  # (2 * pairs, vocab)
     return acts, _js(log_p[0::2], log_p[1::2])
+
+
+SITES = {"mlp": hooks.capture_mlp_activations, "residual": hooks.capture_layer_io}
 
 
 def _js(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:

@@ -124,3 +124,17 @@ def test_specific_reaction_is_the_demographic_minus_the_control_reaction_over_sc
     assert float(bias.specific_reaction(control, control).abs().max()) == 0.0  # no reaction beyond the control
     with pytest.raises(ValueError, match="different layers"):
         bias.specific_reaction(demographic, bias.pair_activations(model, _pairs(n=2), layers=[0]))
+
+
+def test_residual_site_measures_the_layer_outputs():
+    model = tiny_llama().eval()
+    a, b = _pairs(n=1)[0]
+    acts, _ = bias.measure_pairs(model, [(a, b)], layers=[1], site="residual")
+    pos_a, _ = bias.aligned_positions(a, b)
+    batch = {"input_ids": torch.tensor([a]), "attention_mask": torch.ones(1, len(a), dtype=torch.long)}
+    with hooks.capture_layer_io(model, layers=[1], keep=True) as tap:
+        tap.run(model, [batch])
+    assert torch.allclose(acts.a[0, 0], tap.cat(1)[1][pos_a].mean(0), atol=1e-6)
+    assert acts.a.shape[-1] == model.config.hidden_size
+    with pytest.raises(ValueError, match="site must be"):
+        bias.measure_pairs(model, [(a, b)], site="attention")
