@@ -122,7 +122,8 @@ def measure_pairs(model: nn.Module, encoded: list[tuple[list[int], list[int]]], 
 
     ``site="mlp"``: the MLP intermediate activations (one number per neuron); ``site="residual"``: each
     decoder layer's output hidden state, whose size no MLP pruning changes (compare models pruned
-    differently there: a neuron that was removed cannot lower the average by being absent).
+    differently there: a neuron that was removed cannot lower the average by being absent);
+    ``site="attention"``: what each attention sub-layer adds to the residual stream.
     """
     if site not in SITES:
         raise ValueError(f"site must be one of {tuple(SITES)}; got {site!r}")
@@ -150,7 +151,8 @@ def measure_pairs(model: nn.Module, encoded: list[tuple[list[int], list[int]]], 
     return acts, _js(log_p[0::2], log_p[1::2])
 
 
-SITES = {"mlp": hooks.capture_mlp_activations, "residual": hooks.capture_layer_io}
+SITES = {"mlp": hooks.capture_mlp_activations, "residual": hooks.capture_layer_io,
+         "attention": hooks.capture_attention_outputs}
 
 
 def _js(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:

@@ -137,4 +137,15 @@ def test_residual_site_measures_the_layer_outputs():
     assert torch.allclose(acts.a[0, 0], tap.cat(1)[1][pos_a].mean(0), atol=1e-6)
     assert acts.a.shape[-1] == model.config.hidden_size
     with pytest.raises(ValueError, match="site must be"):
-        bias.measure_pairs(model, [(a, b)], site="attention")
+        bias.measure_pairs(model, [(a, b)], site="embedding")
+
+
+def test_attention_site_measures_what_attention_adds():
+    model = tiny_llama().eval()
+    a, b = _pairs(n=1)[0]
+    acts, _ = bias.measure_pairs(model, [(a, b)], layers=[0], site="attention")
+    pos_a, _ = bias.aligned_positions(a, b)
+    batch = {"input_ids": torch.tensor([a]), "attention_mask": torch.ones(1, len(a), dtype=torch.long)}
+    with hooks.capture_attention_outputs(model, layers=[0], keep=True) as tap:
+        tap.run(model, [batch])
+    assert torch.allclose(acts.a[0, 0], tap.cat(0)[pos_a].mean(0), atol=1e-6)
