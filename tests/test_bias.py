@@ -126,26 +126,23 @@ def test_specific_reaction_is_the_demographic_minus_the_control_reaction_over_sc
         bias.specific_reaction(demographic, bias.pair_activations(model, _pairs(n=2), layers=[0]))
 
 
-def test_residual_site_measures_the_layer_outputs():
+@pytest.mark.parametrize("site, capture", [("residual", hooks.capture_layer_io),
+                                           ("attention", hooks.capture_attention_outputs)])
+def test_each_site_measures_what_its_hook_captures(site, capture):
+    """residual: each layer's output hidden state; attention: what each attention sub-layer adds."""
     model = tiny_llama().eval()
     a, b = _pairs(n=1)[0]
-    acts, _ = bias.measure_pairs(model, [(a, b)], layers=[1], site="residual")
+    acts, _ = bias.measure_pairs(model, [(a, b)], layers=[1], site=site)
     pos_a, _ = bias.aligned_positions(a, b)
     batch = {"input_ids": torch.tensor([a]), "attention_mask": torch.ones(1, len(a), dtype=torch.long)}
-    with hooks.capture_layer_io(model, layers=[1], keep=True) as tap:
+    with capture(model, layers=[1], keep=True) as tap:
         tap.run(model, [batch])
-    assert torch.allclose(acts.a[0, 0], tap.cat(1)[1][pos_a].mean(0), atol=1e-6)
+    kept = tap.cat(1)
+    kept = kept[1] if isinstance(kept, tuple) else kept  # layer taps keep (inputs, outputs)
+    assert torch.allclose(acts.a[0, 0], kept[pos_a].mean(0), atol=1e-6)
     assert acts.a.shape[-1] == model.config.hidden_size
+
+
+def test_unknown_site_is_refused():
     with pytest.raises(ValueError, match="site must be"):
-        bias.measure_pairs(model, [(a, b)], site="embedding")
-
-
-def test_attention_site_measures_what_attention_adds():
-    model = tiny_llama().eval()
-    a, b = _pairs(n=1)[0]
-    acts, _ = bias.measure_pairs(model, [(a, b)], layers=[0], site="attention")
-    pos_a, _ = bias.aligned_positions(a, b)
-    batch = {"input_ids": torch.tensor([a]), "attention_mask": torch.ones(1, len(a), dtype=torch.long)}
-    with hooks.capture_attention_outputs(model, layers=[0], keep=True) as tap:
-        tap.run(model, [batch])
-    assert torch.allclose(acts.a[0, 0], tap.cat(0)[pos_a].mean(0), atol=1e-6)
+        bias.measure_pairs(tiny_llama().eval(), _pairs(n=1), site="embedding")
