@@ -44,6 +44,7 @@ benchmarks: venv
 	$(BIN)/python benchmarks/width.py
 	$(BIN)/python benchmarks/depth.py
 	$(BIN)/python benchmarks/recovery.py
+	$(BIN)/python benchmarks/bias.py
 
 report: venv
 	$(BIN)/python benchmarks/report.py

@@ -14,6 +14,9 @@ Measured quantities (all zero for identical prompts and symmetric in the order o
   2 ||a_A - a_B|| / (||a_A|| + ||a_B||) between the two activation vectors, a scale-free number;
 - ``next_token_shift``: per pair, the Jensen-Shannon divergence (nats) between the model's next-token
   distributions after the two prompts, an output-level measure that needs no labels;
+- ``stereotype_preference``: per held-out gender / age pair, a CrowS-Pairs-style double difference of
+  log-likelihoods: is each stereotyped continuation likelier after its own group's prompt than after the
+  other's? (0 = no preference; the share above 0 is 50 % for a model without one);
 - ``specific_reaction``: per neuron, the reaction to demographic swaps minus the reaction to control swaps
   (ordinary adjectives in the same frames), over the neuron's typical |activation| (lesson 08, section 3).
 ``measure_pairs`` gives the activations and the next-token shift from one forward pass per prompt.
@@ -134,9 +137,10 @@ def measure_pairs(model: nn.Module, encoded: list[tuple[list[int], list[int]]], 
         for batch in _batches(sequences, batch_size, _pad_id(model)):
             tap.set_mask(batch["attention_mask"])
             batch = to_device(batch, model)
-            logits = model(**batch, use_cache=False).logits  # (batch, seq, vocab)
             ends = batch["attention_mask"].sum(1) - 1  # right padding: the last real token of each row
-            last.append(F.log_softmax(logits[torch.arange(len(ends)), ends].float(), dim=-1).cpu())
+            # logits only where they are used (the vocabulary projection is a fifth of this small model's work)
+            logits = model(**batch, use_cache=False, logits_to_keep=ends[:, None]).logits  # (batch, 1, vocab)
+            last.append(F.log_softmax(logits[:, 0].float(), dim=-1).cpu())
         tap.mask = None
     lengths = [len(s) for s in sequences]
     means = []
@@ -198,3 +202,57 @@ def specific_reaction(demographic: PairActivations, control: PairActivations, ep
     scale = (demographic.scale * demographic.a.shape[1] + control.scale * control.a.shape[1]) \
         / (demographic.a.shape[1] + control.a.shape[1])
     return (activation_differences(demographic) - activation_differences(control)) / (scale + eps)
+
+
+def encode_continuations(tokenizer, pairs: list[dict]) -> list[tuple[list[int], ...]]:
+    """(prompt A, prompt B, continuation A, continuation B) ids of each pair that has ``continuations``.
+
+    Prompt and continuation are encoded separately and joined (as lm-eval does), so the continuation's
+    tokens are the same after either prompt.
+    """
+    encoded = []
+    for pair in pairs:
+        if "continuations" not in pair:
+            continue
+        texts = [*pair["prompts"], *pair["continuations"]]
+        encoded.append(tuple(tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts))
+    if not encoded:
+        raise ValueError("no pair has continuations: use the held-out gender and age pairs of bias_pairs.load")
+    return encoded
+
+
+@torch.no_grad()
+def continuation_logprob(model: nn.Module, items: list[tuple[list[int], list[int]]], batch_size: int = 32
+                         ) -> torch.Tensor:
+    """(items,): log p(continuation | context) in nats, summed over the continuation's tokens."""
+    if not items or any(not context or not continuation for context, continuation in items):
+        raise ValueError("every item needs a non-empty context and continuation")
+    order = sorted(range(len(items)), key=lambda i: (len(items[i][0]), len(items[i][1])))  # similar rows batch
+    sequences = [list(items[i][0]) + list(items[i][1]) for i in order]
+    scores = torch.empty(len(items))
+    for start, batch in zip(range(0, len(items), batch_size), _batches(sequences, batch_size, _pad_id(model)),
+                            strict=True):
+        rows = order[start:start + batch_size]
+        width = max(len(items[i][1]) for i in rows)
+        # position t predicts token t + 1: the continuation is predicted from len(context) - 1 on
+        at = torch.tensor([[len(items[i][0]) - 1 + min(k, len(items[i][1]) - 1) for k in range(width)] for i in rows])
+        targets = batch["input_ids"].gather(1, at + 1)
+        logits = model(**to_device(batch, model), use_cache=False, logits_to_keep=to_device(at, model)).logits
+        picked = F.log_softmax(logits.float(), dim=-1).cpu().gather(-1, targets[..., None])[..., 0]
+        for row, i in enumerate(rows):
+            scores[i] = picked[row, :len(items[i][1])].sum()  # positions past a shorter continuation repeat its last
+    return scores
+
+
+def stereotype_preference(model: nn.Module, encoded: list[tuple[list[int], ...]], batch_size: int = 32
+                          ) -> torch.Tensor:
+    """(pairs,): [log p(S_A | A) - log p(S_A | B)] + [log p(S_B | B) - log p(S_B | A)] in nats.
+
+    S_A is the continuation that states a stereotype about A's group (``encode_continuations``). Positive:
+    the model ties each stereotype to its own group; the double difference cancels how likely a continuation
+    is in general and how a term shifts every continuation. Symmetric in the order of the pair.
+    """
+    _check_encoded(model, [(a, b) for a, b, *_ in encoded] + [(sa, sb) for _, _, sa, sb in encoded])
+    items = [item for a, b, sa, sb in encoded for item in ((a, sa), (b, sa), (b, sb), (a, sb))]
+    lp = continuation_logprob(model, items, batch_size).view(-1, 4)
+    return (lp[:, 0] - lp[:, 1]) + (lp[:, 2] - lp[:, 3])

@@ -162,9 +162,13 @@ def last_word_accuracy(model: nn.Module, tokenizer, items: list[dict], batch_siz
         for row, seq in enumerate(seqs):  # right padding: positions of real tokens do not move
             input_ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+        # logits only where the target is predicted (token t at position t - 1); a shorter target repeats its last
+        width = max(end - begin for begin, end in spans)
+        at = torch.tensor([[begin - 1 + min(k, end - begin - 1) for k in range(width)] for begin, end in spans])
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                       logits_to_keep=at.to(device)).logits  # (batch, width, vocab)
         for row, (begin, end) in enumerate(spans):
-            predicted = logits[row, begin - 1:end - 1].argmax(-1).cpu()  # token t is predicted at t - 1
+            predicted = logits[row, :end - begin].argmax(-1).cpu()
             correct += int(torch.equal(predicted, input_ids[row, begin:end]))
     return correct / len(items)
 

@@ -146,3 +146,59 @@ def test_each_site_measures_what_its_hook_captures(site, capture):
 def test_unknown_site_is_refused():
     with pytest.raises(ValueError, match="site must be"):
         bias.measure_pairs(tiny_llama().eval(), _pairs(n=1), site="embedding")
+
+
+def _continuation_items(seed: int = 1, n: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda k: torch.randint(1, 100, (k,), generator=g).tolist()  # noqa: E731
+    return [(a, b, rand(2 + i % 2), rand(1 + i % 3)) for i, (a, b) in enumerate(_pairs(seed, n))]
+
+
+def test_continuation_logprob_is_the_sum_over_the_continuation_tokens():
+    model = tiny_llama().eval()
+    context, continuation = [5, 6, 7], [8, 9]
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(torch.tensor([context + continuation])).logits[0].float(), -1)
+    expected = log_p[2, 8] + log_p[3, 9]  # position i predicts token i + 1
+    got = bias.continuation_logprob(model, [(context, continuation), ([1, 2, 3, 4, 5, 6], [7])])
+    assert torch.allclose(got[0], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="non-empty"):
+        bias.continuation_logprob(model, [([1, 2], [])])
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_stereotype_preference_is_zero_for_identical_prompts_symmetric_and_padding_free(make):
+    model = make().eval()
+    items = _continuation_items()
+    same = [(a, list(a), sa, sb) for a, _, sa, sb in items]
+    assert float(bias.stereotype_preference(model, same).abs().max()) < 1e-5
+    forward = bias.stereotype_preference(model, items, batch_size=16)
+    swapped = bias.stereotype_preference(model, [(b, a, sb, sa) for a, b, sa, sb in items], batch_size=16)
+    alone = bias.stereotype_preference(model, items, batch_size=1)  # no padding at all
+    assert torch.allclose(forward, swapped, atol=1e-5) and torch.allclose(forward, alone, atol=1e-4)
+    assert float(forward.abs().min()) > 0  # different prompts and continuations do score differently
+
+
+def test_encode_continuations_uses_only_pairs_that_have_them(smollm2):
+    from course_utils import bias_pairs
+
+    model, tokenizer = smollm2
+    held_out = bias_pairs.load("held_out")
+    encoded = bias.encode_continuations(tokenizer, held_out)
+    assert len(encoded) == sum("continuations" in row for row in held_out) == 64
+    with pytest.raises(ValueError, match="no pair has continuations"):
+        bias.encode_continuations(tokenizer, bias_pairs.load("selection"))
+    scores = bias.stereotype_preference(model, encoded[:4])
+    assert scores.shape == (4,) and bool(torch.isfinite(scores).all())
+
+
+def test_logits_at_kept_positions_equal_the_full_computation():
+    """measure_pairs and continuation_logprob project only the positions they use; the numbers stay the same."""
+    model = tiny_llama().eval()
+    items = [(a, sa) for a, _, sa, _ in _continuation_items(n=5)]
+    got = bias.continuation_logprob(model, items, batch_size=3)
+    with torch.no_grad():
+        for (context, continuation), value in zip(items, got, strict=True):
+            log_p = torch.log_softmax(model(torch.tensor([context + continuation])).logits[0].float(), -1)
+            expected = sum(log_p[len(context) - 1 + k, t] for k, t in enumerate(continuation))
+            assert torch.allclose(value, expected, atol=1e-5)

@@ -52,3 +52,15 @@ def test_load_refuses_unknown_names(tmp_path):
         bias_pairs.load(category="height")
     with pytest.raises(FileNotFoundError, match="python -m course_utils.bias_pairs"):
         bias_pairs.load(path=tmp_path / "missing.jsonl")
+
+
+def test_continuations_cover_every_held_out_frame_of_gender_and_age_only():
+    held_out_frames = set(bias_pairs.FRAMES["held_out"])
+    assert set(bias_pairs.CONTINUATIONS) == held_out_frames  # every held-out frame, no other
+    for row in bias_pairs.load():
+        has = "continuations" in row
+        assert has == (row["split"] == "held_out" and row["category"] in ("gender", "age")), row["id"]
+        if has:
+            first, second = row["continuations"]
+            assert first != second and first.startswith(" ") and second.startswith(" ")
+            assert not {"he", "she", "his", "her", "him"} & set((first + second).lower().strip(".").split())

@@ -72,8 +72,9 @@ def test_last_word_accuracy_counts_greedy_matches():
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, input_ids, attention_mask=None):
-            logits = torch.zeros(*input_ids.shape, 100)
+        def forward(self, input_ids, attention_mask=None, logits_to_keep=None):
+            shape = input_ids.shape if logits_to_keep is None else logits_to_keep.shape  # as transformers slices
+            logits = torch.zeros(*shape, 100)
             logits[..., 7] = 1.0
             return type("Out", (), {"logits": logits})()
 
