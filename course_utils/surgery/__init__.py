@@ -2,8 +2,9 @@
 
 - ``width``: MLP neurons (``prune_mlp``, ``remove_mlp_neurons``);
 - ``depth``: whole decoder layers (``drop_layers``).
-Attention bypass lives in ``course_utils.bypass``; head pruning, sparsity masks and quantization join
-this package in lessons 10-12.
+Attention bypass lives in ``course_utils.bypass`` and head pruning in ``course_utils.heads`` (both register
+a structure key that ``models.load_pruned`` needs, so they sit below ``models``); ``remove_heads`` is
+re-exported here. Sparsity masks and quantization join in lessons 11-12.
 
 Every edit has the same shape, ``edit(model, what, *, calibration=None, protect=(), ...)``: it validates
 everything before the first change (a ``ValueError`` leaves the model bit-identical), edits in place,
@@ -22,6 +23,7 @@ from ..allocation import (
     select_neurons,
 )
 from ..arch import check_layer_set
+from ..heads import remove_heads
 from ..refit import linear_replacements, obs_keep, refit_after_removal, refit_output, sequential_obs
 from ..sensitivity import damage_curves, layer_sensitivity
 from ..streams import layer_inputs
@@ -34,6 +36,6 @@ __all__ = [
     "ALLOCATIONS", "CURVE_GRID", "SELECTIONS", "PruneReport", "allocate_from_curves", "allocate_ratios",
     "check_keep", "check_layer_set", "check_ratio", "contiguous_runs", "damage_curves", "drop_layers",
     "kept_width", "layer_inputs", "layer_sensitivity", "linear_replacements", "obs_keep", "prune_mlp",
-    "refit_after_removal", "refit_output", "remove_mlp_neurons", "select_neurons", "sequential_obs",
+    "refit_after_removal", "refit_output", "remove_heads", "remove_mlp_neurons", "select_neurons", "sequential_obs",
     "sync_structure_config",
 ]
