@@ -156,3 +156,16 @@ def test_group_scores_sum_their_query_heads():
     per_head = importance.head_scores(model, "weight_norm")
     grouped = importance.group_scores(model, per_head)
     assert grouped.shape == (2, 3) and torch.allclose(grouped[:, 1], per_head[:, 2] + per_head[:, 3])
+
+
+def test_lowest_groups_never_empties_a_layer_and_random_follows_the_same_rule():
+    model = _gqa()
+    grouped = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.05, 0.4]])
+    assert importance.lowest_groups(model, grouped, 3) == {0: [0, 1], 1: [1]}  # layer 0's third group stays
+    assert importance.lowest_groups(model, grouped, 4) == {0: [0, 1], 1: [1, 2]}
+    with pytest.raises(ValueError, match="n must be"):
+        importance.lowest_groups(model, grouped, 5)
+    drawn = importance.random_groups(model, 3, seed=0)
+    assert sum(len(v) for v in drawn.values()) == 3 and all(len(v) <= 2 for v in drawn.values())
+    assert drawn == importance.random_groups(model, 3, seed=0)  # reproducible
+    heads.remove_heads(model, heads.group_heads(model, drawn))  # always a valid request

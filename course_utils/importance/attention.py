@@ -151,3 +151,30 @@ def group_scores(model: nn.Module, per_head: torch.Tensor) -> torch.Tensor:
     layers = _layers_with_heads(model)
     parts = arch.attention_parts(model, layers[0])
     return per_head.reshape(per_head.shape[0], parts.n_kv_heads, parts.group_size).sum(-1)
+
+
+def lowest_groups(model: nn.Module, grouped: torch.Tensor, n: int, keep: int = 1) -> dict[int, list[int]]:
+    """The ``n`` K/V groups with the lowest scores model-wide, never taking a layer below ``keep`` groups.
+
+    ``grouped``: (layers, groups) from ``group_scores``. Returns {layer: [group, ...]} for ``heads.group_heads``.
+    """
+    layers = set(_layers_with_heads(model))
+    n_groups = grouped.shape[1]
+    if not 0 < n <= len(layers) * (n_groups - keep):
+        raise ValueError(f"n must be in [1, {len(layers) * (n_groups - keep)}] (keeping {keep} group(s) per layer)")
+    chosen: dict[int, list[int]] = {}
+    for flat in grouped.flatten().argsort(stable=True).tolist():
+        layer, group = divmod(flat, n_groups)
+        if layer in layers and len(chosen.get(layer, [])) < n_groups - keep:
+            chosen.setdefault(layer, []).append(group)
+            if sum(len(v) for v in chosen.values()) == n:
+                break
+    return {layer: sorted(gs) for layer, gs in sorted(chosen.items())}
+
+
+def random_groups(model: nn.Module, n: int, seed: int, keep: int = 1) -> dict[int, list[int]]:
+    """``n`` K/V groups drawn at random (the control), under the same rule as ``lowest_groups``."""
+    layers = _layers_with_heads(model)
+    n_groups = arch.attention_parts(model, layers[0]).n_kv_heads
+    noise = torch.rand(arch.num_layers(model), n_groups, generator=torch.Generator().manual_seed(seed))
+    return lowest_groups(model, noise, n, keep)
