@@ -1,0 +1,254 @@
+"""Unstructured and N:M sparsity: which weights to zero, and masks that keep them zero.
+
+Masks follow ``torch.nn.utils.prune``: ``apply_masks`` re-parametrises each weight as ``weight_orig * weight_mask``
+(a forward pre-hook), so an optimiser updates ``weight_orig`` but a pruned weight never comes back during
+fine-tuning; ``bake`` calls ``prune.remove`` and leaves a plain weight with its zeros. Only the decoder's
+``nn.Linear`` projections are pruned (attention and MLP); embeddings, norms and the LM head stay dense.
+
+Scores (higher = keep), each a dict {module name: tensor shaped like the weight}:
+- ``magnitude``: |W| (Han et al. 2015), compared within each matrix or across all of them (``scope``);
+- ``wanda``: |W| x ||X_j|| (Sun et al. 2024), the input feature norm over real calibration tokens, compared
+  within each output row;
+``sparsegpt`` goes further (Frantar and Alistarh 2023): layer by layer, it chooses the mask column by column
+with the inverse Hessian of the layer's inputs and updates the remaining weights to absorb each removal
+(the same second-order idea as the course's OBS neuron selection, per weight).
+``nm=(2, 4)`` asks for 2:4 masks: in every group of 4 consecutive input weights of a row, 2 stay.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from . import arch
+from .data import require_batches, to_device
+
+SCOPES = ("row", "layer", "global")
+
+
+def projections_by_layer(model: nn.Module) -> list[dict[str, nn.Linear]]:
+    """Per decoder layer, its linear projections (attention and MLP) by full module name, in forward order."""
+    spec = arch.get_spec(model)
+    if spec.attn_q is None:
+        raise ValueError(f"sparsity helpers need nn.Linear projections (the Llama family); {type(model).__name__} "
+                         "uses GPT-2's transposed Conv1D")
+    layers = arch.decoder_layers(model)
+    where = {id(module): name for name, module in model.named_modules()}
+    return [{f"{where[id(layer)]}.{sub}": m for sub, m in layer.named_modules() if isinstance(m, nn.Linear)}
+            for layer in layers]
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The decoder's linear projections (attention and MLP), by module name, in forward order."""
+    return {name: m for layer in projections_by_layer(model) for name, m in layer.items()}
+
+
+def magnitude_scores(model: nn.Module) -> dict[str, torch.Tensor]:
+    """|W| for every decoder projection."""
+    return {name: module.weight.detach().abs().float() for name, module in linear_layers(model).items()}
+
+
+@torch.no_grad()
+def input_norms(model: nn.Module, calibration: list[dict]) -> dict[str, torch.Tensor]:
+    """||X_j||_2 over real calibration tokens, per input feature of every decoder projection."""
+    require_batches(calibration, "input_norms", model)
+    modules = linear_layers(model)
+    sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in modules.items()}
+    mask: list[torch.Tensor] = []
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].float() * mask[0][..., None]
+            sums[name] += x.pow(2).sum((0, 1)).double().cpu()
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
+    try:
+        for batch in calibration:
+            batch = to_device(batch, model)
+            mask[:] = [batch.get("attention_mask", torch.ones_like(batch["input_ids"])).float()]
+            model(**batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: s.sqrt().float() for name, s in sums.items()}
+
+
+def wanda_scores(model: nn.Module, calibration: list[dict]) -> dict[str, torch.Tensor]:
+    """|W_ij| x ||X_j||: a weight matters as much as the inputs it multiplies (Wanda)."""
+    norms = input_norms(model, calibration)
+    return {name: module.weight.detach().abs().float() * norms[name].to(module.weight.device)
+            for name, module in linear_layers(model).items()}
+
+
+def check_sparsity(sparsity: float, nm: tuple[int, int] | None) -> None:
+    if nm is not None:
+        n, m = nm
+        if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+            raise ValueError(f"nm must be (n, m) with 0 < n < m, e.g. (2, 4); got {nm}")
+    elif not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1); got {sparsity}")
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` highest of every ``m`` consecutive weights along the input dimension."""
+    out_f, in_f = score.shape
+    if in_f % m:
+        raise ValueError(f"{m} does not divide the input size {in_f}: N:M needs whole groups")
+    groups = score.reshape(out_f, in_f // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
+    return keep.reshape(out_f, in_f)
+
+
+def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float = 0.5, scope: str = "row",
+                      nm: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Boolean keep-masks: the lowest-scoring ``sparsity`` share goes, within each row, matrix, or model-wide."""
+    check_sparsity(sparsity, nm)
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}")
+    if nm is not None:
+        return {name: nm_mask(s, *nm) for name, s in scores.items()}
+    if scope == "global":
+        flat = torch.cat([s.flatten().cpu() for s in scores.values()])
+        k = int(sparsity * flat.numel())
+        threshold = flat.kthvalue(k).values if k else flat.min() - 1
+        return {name: s > threshold.to(s.device) for name, s in scores.items()}
+    masks = {}
+    for name, s in scores.items():
+        if scope == "row":
+            k = int(sparsity * s.shape[1])
+            drop = s.argsort(dim=1)[:, :k]
+            mask = torch.ones_like(s, dtype=torch.bool)
+            mask.scatter_(1, drop, False)
+        else:
+            k = int(sparsity * s.numel())
+            mask = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
+            mask[s.flatten().argsort()[:k]] = False
+            mask = mask.reshape(s.shape)
+        masks[name] = mask
+    return masks
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Re-parametrise each listed weight as weight_orig * weight_mask (``torch.nn.utils.prune``), in place."""
+    modules = linear_layers(model)
+    unknown = sorted(set(masks) - set(modules))
+    if unknown:
+        raise ValueError(f"no decoder projection named {unknown[:3]}: masks must come from this model's scores")
+    for name, mask in masks.items():
+        if mask.shape != modules[name].weight.shape or mask.dtype != torch.bool:
+            raise ValueError(f"{name}: mask must be a bool tensor of shape {tuple(modules[name].weight.shape)}")
+    for name, mask in masks.items():
+        module = modules[name]  # pruned before (a second round): torch combines the new mask with the old one
+        prune.custom_from_mask(module, "weight", mask.to(module.weight.device))
+    return model
+
+
+def bake(model: nn.Module) -> nn.Module:
+    """Make every mask permanent: plain ``weight`` parameters with their zeros (``prune.remove``)."""
+    for module in linear_layers(model).values():
+        if prune.is_pruned(module):
+            prune.remove(module, "weight")
+    return model
+
+
+def sparsity_of(model: nn.Module) -> float:
+    """Share of zeros among the decoder projections' weights."""
+    weights = [m.weight for m in linear_layers(model).values()]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+@torch.no_grad()
+def _obs_prune(weight: torch.Tensor, gram: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
+               blocksize: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT on one (out, in) weight with input Gram X^T X: (new weight, keep-mask)."""
+    w = weight.detach().clone().float()
+    h = gram.clone().double()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    keep = torch.ones_like(w, dtype=torch.bool)
+    cols = w.shape[1]
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1, h1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err = torch.zeros_like(w1)
+        d = torch.diag(h1)
+        if nm is None:
+            saliency = w1.pow(2) / d.pow(2)[None]
+            k = int(saliency.numel() * sparsity)
+            drop = torch.zeros_like(w1, dtype=torch.bool)
+            if k:
+                drop.view(-1)[saliency.flatten().argsort()[:k]] = True
+        else:
+            drop = torch.zeros_like(w1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                saliency = w1[:, i:i + nm[1]].pow(2) / d[i:i + nm[1]].pow(2)[None]
+                drop[:, i:i + nm[1]].scatter_(1, saliency.topk(nm[1] - nm[0], dim=1, largest=False).indices, True)
+            q = w1[:, i].clone()
+            q[drop[:, i]] = 0
+            e = (w1[:, i] - q) / h1[i, i]
+            w1[:, i:] -= e[:, None] * h1[i, i:][None]
+            w1[:, i] = q
+            err[:, i] = e
+        w[:, i1:i2] = w1
+        keep[:, i1:i2] = ~drop
+        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+    return w.to(weight.dtype), keep
+
+
+def sparsegpt(model: nn.Module, calibration: list[dict], sparsity: float = 0.5,
+              nm: tuple[int, int] | None = None, damp: float = 0.01) -> dict[str, torch.Tensor]:
+    """Prune every decoder projection with SparseGPT, layer by layer, in place; return the keep-masks.
+
+    Each decoder layer sees the calibration inputs produced by the layers already pruned (sequential, as in
+    the paper). The updated weights are written directly and the masks applied with ``apply_masks``.
+    """
+    check_sparsity(sparsity, nm)
+    require_batches(calibration, "sparsegpt", model)
+    if any(prune.is_pruned(m) for m in linear_layers(model).values()):
+        raise ValueError("the model already carries masks: sparsity.bake(model) first, then run sparsegpt")
+    masks: dict[str, torch.Tensor] = {}
+    for index, modules in enumerate(projections_by_layer(model)):
+        grams = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in modules.items()}
+        mask_now: list[torch.Tensor] = []
+
+        def hook(name):
+            def fn(module, args):
+                x = args[0].float()[mask_now[0]]  # (real tokens, in)
+                grams[name] += (x.T @ x).double().cpu()
+            return fn
+
+        def stop(module, args, output):
+            raise _Done  # nothing after this layer is needed for its statistics
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+        handles.append(arch.decoder_layers(model)[index].register_forward_hook(stop))
+        try:
+            with torch.no_grad():
+                for batch in calibration:
+                    batch = to_device(batch, model)
+                    mask_now[:] = [batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()]
+                    try:
+                        model(**batch, use_cache=False)
+                    except _Done:
+                        pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        for n, m in modules.items():
+            new, keep = _obs_prune(m.weight, grams[n].to(m.weight.device), sparsity, nm, damp=damp)
+            with torch.no_grad():
+                m.weight.copy_(new)
+            masks[n] = keep
+    apply_masks(model, masks)
+    return masks
+
+
+class _Done(Exception):
+    """Raised by a hook to end a forward pass early."""

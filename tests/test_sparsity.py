@@ -1,0 +1,118 @@
+"""Unstructured and N:M sparsity: exact shares, masks that survive training, Wanda and SparseGPT as specified."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+
+from course_utils import sparsity
+
+
+def _calibration(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 100, (4, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2:, 12:] = 0
+    return [{"input_ids": ids, "attention_mask": mask}]
+
+
+def test_masks_remove_the_requested_share_where_asked():
+    model = tiny_llama()
+    scores = sparsity.magnitude_scores(model)
+    for scope in ("row", "layer"):
+        masks = sparsity.masks_from_scores(scores, 0.5, scope)
+        for name, mask in masks.items():
+            assert mask.shape == scores[name].shape
+            if scope == "row":
+                assert bool((mask.sum(1) == mask.shape[1] - int(0.5 * mask.shape[1])).all())
+            else:
+                assert int((~mask).sum()) == int(0.5 * mask.numel())
+            assert float(scores[name][~mask].max()) <= float(scores[name][mask].min()) or scope == "row"
+    masks = sparsity.masks_from_scores(scores, 0.5, "global")
+    removed = sum(int((~m).sum()) for m in masks.values())
+    assert abs(removed - 0.5 * sum(m.numel() for m in masks.values())) <= 1
+    two_four = sparsity.masks_from_scores(scores, nm=(2, 4))
+    for mask in two_four.values():
+        assert bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all())  # exactly 2 of every 4
+
+
+def test_bad_arguments_are_refused():
+    scores = sparsity.magnitude_scores(tiny_llama())
+    with pytest.raises(ValueError, match="sparsity must be"):
+        sparsity.masks_from_scores(scores, 1.0)
+    with pytest.raises(ValueError, match="scope"):
+        sparsity.masks_from_scores(scores, 0.5, "block")
+    with pytest.raises(ValueError, match="nm must be"):
+        sparsity.masks_from_scores(scores, nm=(4, 2))
+    with pytest.raises(ValueError, match="Conv1D"):
+        sparsity.magnitude_scores(tiny_gpt2())
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="no decoder projection"):
+        sparsity.apply_masks(model, {"lm_head": torch.ones(100, 32, dtype=torch.bool)})
+
+
+def test_fine_tuning_never_revives_a_pruned_weight_and_bake_makes_it_plain():
+    model = tiny_llama().train()
+    masks = sparsity.masks_from_scores(sparsity.magnitude_scores(model), 0.5)
+    sparsity.apply_masks(model, masks)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batch = _calibration()[0]
+    for _ in range(5):
+        optimiser.zero_grad()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        optimiser.step()
+    modules = sparsity.linear_layers(model)
+    for name, mask in masks.items():
+        assert float(modules[name].weight.detach()[~mask].abs().max()) == 0.0  # still zero after 5 Adam steps
+    sparsity.bake(model)
+    assert not any(k.endswith(("weight_orig", "weight_mask")) for k in model.state_dict())
+    assert abs(sparsity.sparsity_of(model) - 0.5) < 0.01
+
+
+def test_wanda_is_weight_magnitude_times_input_norm_over_real_tokens():
+    model = tiny_llama()
+    calibration = _calibration()
+    scores = sparsity.wanda_scores(model, calibration)
+    name = next(n for n in scores if n.endswith("mlp.down_proj"))
+    captured = []
+    module = sparsity.linear_layers(model)[name]
+    handle = module.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
+    with torch.no_grad():
+        model(**calibration[0])
+    handle.remove()
+    x = captured[0][calibration[0]["attention_mask"].bool()]  # real tokens only
+    expected = module.weight.abs() * x.norm(dim=0)[None]
+    assert torch.allclose(scores[name], expected, atol=1e-5)
+    padded = [{**calibration[0], "input_ids": calibration[0]["input_ids"].clone()}]
+    padded[0]["input_ids"][2:, 12:] = 5  # other ids under the padding change nothing
+    assert torch.allclose(sparsity.wanda_scores(model, padded)[name], scores[name], atol=1e-6)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_reaches_the_pattern_and_beats_magnitude_on_layer_output(nm):
+    model = tiny_llama()
+    calibration = _calibration()
+    first = next(n for n in sparsity.linear_layers(model) if n.endswith("0.self_attn.q_proj"))
+    captured = []
+    module = sparsity.linear_layers(model)[first]
+    handle = module.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
+    with torch.no_grad():
+        model(**calibration[0])
+    handle.remove()
+    x = captured[0][calibration[0]["attention_mask"].bool()]
+    dense = module.weight.detach().clone()
+    magnitude = dense * sparsity.masks_from_scores({first: dense.abs()}, 0.5, "row", nm)[first]
+    pruned = copy.deepcopy(model)
+    masks = sparsity.sparsegpt(pruned, calibration, 0.5, nm)
+    sparsity.bake(pruned)
+    w = sparsity.linear_layers(pruned)[first].weight.detach()
+    assert torch.equal(w == 0, ~masks[first]) or bool((w[~masks[first]] == 0).all())
+    if nm:
+        assert bool((masks[first].reshape(w.shape[0], -1, 4).sum(-1) == 2).all())
+    else:
+        assert abs(sparsity.sparsity_of(pruned) - 0.5) < 0.02
+    err = lambda v: float((x @ (dense - v).T).norm())  # noqa: E731
+    assert err(w) < err(magnitude)  # the second-order update repairs what the mask removes
+    with pytest.raises(ValueError, match="bake"):
+        sparsity.sparsegpt(sparsity.apply_masks(copy.deepcopy(model), masks), calibration)
