@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import arch
+from . import arch, hooks, streams
 from .data import require_batches, to_device
 
 SCOPES = ("row", "layer", "global")
@@ -207,48 +207,39 @@ def sparsegpt(model: nn.Module, calibration: list[dict], sparsity: float = 0.5,
     """Prune every decoder projection with SparseGPT, layer by layer, in place; return the keep-masks.
 
     Each decoder layer sees the calibration inputs produced by the layers already pruned (sequential, as in
-    the paper). The updated weights are written directly and the masks applied with ``apply_masks``.
+    the paper; ``streams`` runs one layer at a time, so the cost is about two forward passes in all). The updated
+    weights are written directly and the masks applied with ``apply_masks``.
     """
     check_sparsity(sparsity, nm)
     require_batches(calibration, "sparsegpt", model)
     if any(prune.is_pruned(m) for m in linear_layers(model).values()):
         raise ValueError("the model already carries masks: sparsity.bake(model) first, then run sparsegpt")
+    captured = streams.layer_inputs(model, calibration)
+    stream, arguments = [h for h, _ in captured], [kw for _, kw in captured]
+    real = [batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool() for batch in calibration]
     masks: dict[str, torch.Tensor] = {}
     for index, modules in enumerate(projections_by_layer(model)):
         grams = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in modules.items()}
-        mask_now: list[torch.Tensor] = []
+        current: list[torch.Tensor] = []
 
         def hook(name):
             def fn(module, args):
-                x = args[0].float()[mask_now[0]]  # (real tokens, in)
+                x = args[0].float()[current[0].to(args[0].device)]  # (real tokens, in)
                 grams[name] += (x.T @ x).double().cpu()
             return fn
 
-        def stop(module, args, output):
-            raise _Done  # nothing after this layer is needed for its statistics
-
+        layer = arch.decoder_layers(model)[index]
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
-        handles.append(arch.decoder_layers(model)[index].register_forward_hook(stop))
-        try:
-            with torch.no_grad():
-                for batch in calibration:
-                    batch = to_device(batch, model)
-                    mask_now[:] = [batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()]
-                    try:
-                        model(**batch, use_cache=False)
-                    except _Done:
-                        pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        with hooks.removing(handles), torch.no_grad():
+            for h, kw, mask in zip(stream, arguments, real, strict=True):
+                current[:] = [mask]
+                layer(h, **kw)
         for n, m in modules.items():
             new, keep = _obs_prune(m.weight, grams[n].to(m.weight.device), sparsity, nm, damp=damp)
             with torch.no_grad():
                 m.weight.copy_(new)
             masks[n] = keep
+        with torch.no_grad():
+            stream = streams.run_layer(layer, stream, arguments)  # what the next layer sees from the pruned one
     apply_masks(model, masks)
     return masks
-
-
-class _Done(Exception):
-    """Raised by a hook to end a forward pass early."""

@@ -68,9 +68,12 @@ def random_like(removed: dict[int, torch.Tensor], width: int, seed: int) -> dict
 
 
 def keep_after_removing(model, removed: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """{layer: kept neuron indices} for ``surgery.remove_mlp_neurons``, from {layer: neurons to remove}."""
+    """{layer: kept neuron indices} for ``surgery.remove_mlp_neurons``, from {layer: neurons to remove}.
+
+    Indices may be tensors or plain lists."""
     keep = {}
     for layer, idx in removed.items():
+        idx = torch.as_tensor(idx, dtype=torch.long)
         width = arch.mlp_parts(model, layer).width
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= width):
             raise ValueError(f"layer {layer}: neuron indices must be in [0, {width - 1}]")
