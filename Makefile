@@ -45,6 +45,7 @@ benchmarks: venv
 	$(BIN)/python benchmarks/depth.py
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/bias.py
+	$(BIN)/python benchmarks/heads.py
 
 report: venv
 	$(BIN)/python benchmarks/report.py
