@@ -17,6 +17,17 @@ def _calibration(seed: int = 0):
     return [{"input_ids": ids, "attention_mask": mask}]
 
 
+def _real_inputs(model, name, batch):
+    """(the projection called ``name``, its inputs on the real tokens of ``batch``)."""
+    captured = []
+    module = sparsity.linear_layers(model)[name]
+    handle = module.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    return module, captured[0][batch["attention_mask"].bool()]
+
+
 def test_masks_remove_the_requested_share_where_asked():
     model = tiny_llama()
     scores = sparsity.magnitude_scores(model)
@@ -75,13 +86,7 @@ def test_wanda_is_weight_magnitude_times_input_norm_over_real_tokens():
     calibration = _calibration()
     scores = sparsity.wanda_scores(model, calibration)
     name = next(n for n in scores if n.endswith("mlp.down_proj"))
-    captured = []
-    module = sparsity.linear_layers(model)[name]
-    handle = module.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
-    with torch.no_grad():
-        model(**calibration[0])
-    handle.remove()
-    x = captured[0][calibration[0]["attention_mask"].bool()]  # real tokens only
+    module, x = _real_inputs(model, name, calibration[0])
     expected = module.weight.abs() * x.norm(dim=0)[None]
     assert torch.allclose(scores[name], expected, atol=1e-5)
     padded = [{**calibration[0], "input_ids": calibration[0]["input_ids"].clone()}]
@@ -94,13 +99,7 @@ def test_sparsegpt_reaches_the_pattern_and_beats_magnitude_on_layer_output(nm):
     model = tiny_llama()
     calibration = _calibration()
     first = next(n for n in sparsity.linear_layers(model) if n.endswith("0.self_attn.q_proj"))
-    captured = []
-    module = sparsity.linear_layers(model)[first]
-    handle = module.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
-    with torch.no_grad():
-        model(**calibration[0])
-    handle.remove()
-    x = captured[0][calibration[0]["attention_mask"].bool()]
+    module, x = _real_inputs(model, first, calibration[0])
     dense = module.weight.detach().clone()
     magnitude = dense * sparsity.masks_from_scores({first: dense.abs()}, 0.5, "row", nm)[first]
     pruned = copy.deepcopy(model)
