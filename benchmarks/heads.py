@@ -16,23 +16,9 @@ from __future__ import annotations
 import copy
 import json
 
-import torch
 from report import RESULTS, start_run, write_section
-from torch.utils.flop_counter import FlopCounterMode
 
 from course_utils import arch, evaluation, heads, importance, models, surgery
-
-
-def flops(model, tokens: int) -> int:
-    ids = torch.randint(0, 1000, (1, tokens), device=next(model.parameters()).device)
-    default = model.config._attn_implementation  # noqa: SLF001 (transformers keeps the choice here)
-    model.set_attn_implementation("eager")
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(ids)
-    finally:
-        model.set_attn_implementation(default)
-    return counter.get_total_flops()
 
 
 def main() -> None:
@@ -49,10 +35,8 @@ def main() -> None:
     group_params = (2 * parts.group_size + 2) * parts.head_dim * model.config.hidden_size  # q, o of its heads; k, v
     base_params = models.count_parameters(model)
 
-    def width(n_neurons: int):
-        removed: dict[int, list[int]] = {}
-        for flat in wanda.flatten().argsort()[:n_neurons].tolist():
-            removed.setdefault(flat // wanda.shape[1], []).append(flat % wanda.shape[1])
+    def width(n_neurons: int):  # the least important neurons model-wide
+        removed = importance.top_neurons(-wanda, n_neurons)
         return surgery.remove_mlp_neurons(copy.deepcopy(model), importance.keep_after_removing(model, removed))
 
     def measure(name: str, m, base: dict | None = None) -> dict:
@@ -60,7 +44,8 @@ def main() -> None:
         row = {"variant": name, "removed": base_params - models.count_parameters(m),
                "ppl": evaluation.perplexity(m, tokenizer, run.texts, max_tokens=args.eval_tokens),
                "lastword": evaluation.last_word_accuracy(m, tokenizer, run.items),
-               "kv": heads.kv_cache_values_per_token(m), "flops_128": flops(m, 128), "flops_1024": flops(m, 1024),
+               "kv": heads.kv_cache_values_per_token(m), "flops_128": evaluation.forward_flops(m, 128),
+               "flops_1024": evaluation.forward_flops(m, 1024),
                "prefill_ms": speed.prefill_ms, "decode_tok_s": speed.decode_tok_s}
         if base is not None:
             row |= {"prefill_x": base["prefill_ms"] / row["prefill_ms"],

@@ -254,6 +254,28 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 30)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+@torch.no_grad()
+def forward_flops(model: nn.Module, tokens: int = 128) -> int:
+    """FLOPs of one forward pass over ``tokens`` random tokens (batch 1), attention scores included.
+
+    ``torch.utils.flop_counter.FlopCounterMode`` does not see the fused attention kernel transformers uses by
+    default (SDPA), so the count is taken with eager attention and the model's own setting is restored.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    default = getattr(model.config, "_attn_implementation", None)
+    if default not in (None, "eager"):
+        model.set_attn_implementation("eager")
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(ids.to(_device_of(model)), use_cache=False)
+    finally:
+        if default not in (None, "eager"):
+            model.set_attn_implementation(default)
+    return counter.get_total_flops()
+
+
 @dataclass
 class Latency:
     """Median timings over several runs after a warm-up."""

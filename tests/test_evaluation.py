@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from conftest import tiny_gpt2, tiny_llama
 
 from course_utils import evaluation
 
@@ -113,3 +113,16 @@ def test_evaluate_model_budgets():
     assert row.ppl == pytest.approx(evaluation.perplexity(model, tok, texts, max_tokens=64))
     assert row.params == sum(p.numel() for p in model.parameters()) and row.prefill_ms is None
     assert 0.0 <= row.lastword_acc <= 1.0
+
+
+def test_forward_flops_counts_attention_and_restores_the_setting():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_llama()
+    model.set_attn_implementation("sdpa")
+    counted = evaluation.forward_flops(model, tokens=16)
+    with FlopCounterMode(display=False) as fused, torch.no_grad():
+        model(torch.randint(0, 100, (1, 16)))
+    assert counted > fused.get_total_flops() > 0  # the fused kernel's attention goes uncounted
+    assert model.config._attn_implementation == "sdpa"  # noqa: SLF001 (where transformers keeps the choice)
+    assert evaluation.forward_flops(model, tokens=32) > 2 * counted  # attention grows faster than linearly
