@@ -121,6 +121,25 @@ def load_texts(split: str = "evaluation", profile: Profile | str | None = None) 
     return [p for _title, paragraphs in chosen for p in paragraphs]
 
 
+def load_documents(split: str = "evaluation", profile: Profile | str | None = None, n: int = N_EVAL_ARTICLES
+                   ) -> list[list[str]]:
+    """The split's text as separate documents (lists of paragraphs), for measurements spread over documents.
+
+    Offline: one document per Wikipedia article of the split. Full profile (WikiText-2 has no article ids
+    after cleaning): the paragraphs in ``n`` consecutive groups of equal size.
+    """
+    if split not in ("calibration", "evaluation"):
+        raise ValueError(f"documents exist for 'calibration' and 'evaluation'; got {split!r}")
+    profile = get_profile(profile)
+    if profile.offline:
+        articles = wikipedia_articles()
+        chosen = articles[:-N_EVAL_ARTICLES] if split == "calibration" else articles[-N_EVAL_ARTICLES:]
+        return [list(paragraphs) for _title, paragraphs in chosen]
+    paragraphs = _wikitext(split)
+    size = max(1, len(paragraphs) // n)
+    return [paragraphs[i * size:(i + 1) * size] for i in range(n)]
+
+
 def article_titles(split: str = "evaluation") -> list[str]:
     """Titles of the offline articles in ``split`` (to show learners what the held-out text is)."""
     articles = wikipedia_articles()

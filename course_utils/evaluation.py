@@ -76,6 +76,49 @@ def perplexity(model: nn.Module, tokenizer, texts: list[str], window: int = 512,
     return math.exp(total_nll / total_count)
 
 
+@dataclass
+class PerplexitySpread:
+    """Perplexity with the budget spread over documents, and how much it varies between them."""
+
+    ppl: float  # exp(mean NLL over every predicted token)
+    per_document: list[float]  # each document's perplexity
+    nll: list[float]  # each document's mean NLL (nats per token)
+    tokens: list[int]  # predicted tokens per document
+
+    @property
+    def se_log_ppl(self) -> float:
+        """Standard error of the mean log-PPL over documents (documents weighted equally)."""
+        n = len(self.nll)
+        return statistics.stdev(self.nll) / math.sqrt(n) if n > 1 else float("nan")
+
+    def difference(self, other: PerplexitySpread) -> tuple[float, float]:
+        """(mean log-PPL difference self - other over the same documents, its paired standard error)."""
+        if len(self.nll) != len(other.nll):
+            raise ValueError("compare spreads measured on the same documents")
+        diffs = [a - b for a, b in zip(self.nll, other.nll, strict=True)]
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+        return statistics.fmean(diffs), se
+
+
+@torch.no_grad()
+def perplexity_spread(model: nn.Module, tokenizer, documents: list[list[str]], tokens_per_document: int = 512,
+                      window: int = 512) -> PerplexitySpread:
+    """The first ``tokens_per_document`` tokens of every document (``data.load_documents``), scored as in
+    ``perplexity``; one number overall and one per document, so a comparison can be read against the noise."""
+    if not documents or any(not doc for doc in documents):
+        raise ValueError("documents must be a non-empty list of non-empty paragraph lists (data.load_documents())")
+    nll, tokens = [], []
+    for doc in documents:
+        ppl = perplexity(model, tokenizer, doc, window=window, max_tokens=tokens_per_document)
+        count = token_stream(tokenizer, doc, tokens_per_document).numel()
+        full, tail = divmod(count, window)  # as ``perplexity`` cuts it: a window's first token is not predicted
+        predicted = full * (window - 1) + (tail - 1 if tail >= 2 else 0)
+        nll.append(math.log(ppl))
+        tokens.append(predicted)
+    total = sum(n * t for n, t in zip(nll, tokens, strict=True)) / sum(tokens)
+    return PerplexitySpread(ppl=math.exp(total), per_document=[math.exp(n) for n in nll], nll=nll, tokens=tokens)
+
+
 _SENTENCE_END = re.compile(r"([A-Za-z]{3,})([.!?])(?=\s|$)")
 
 

@@ -86,3 +86,11 @@ def test_to_device_moves_dicts_encodings_and_tensors_to_the_models_device():
     assert set(encoding) == {"input_ids", "attention_mask"} and encoding["attention_mask"].device.type == "meta"
     same = data.to_device(ids, model)  # already there: the very tensor back, nothing copied
     assert same is ids
+
+
+def test_load_documents_are_the_held_out_articles_in_order():
+    documents = data.load_documents("evaluation", "offline")
+    assert len(documents) == data.N_EVAL_ARTICLES and all(documents)
+    assert [p for doc in documents for p in doc] == data.load_texts("evaluation", "offline")
+    with pytest.raises(ValueError, match="documents exist"):
+        data.load_documents("news", "offline")

@@ -126,3 +126,27 @@ def test_forward_flops_counts_attention_and_restores_the_setting():
     assert counted > fused.get_total_flops() > 0  # the fused kernel's attention goes uncounted
     assert model.config._attn_implementation == "sdpa"  # noqa: SLF001 (where transformers keeps the choice)
     assert evaluation.forward_flops(model, tokens=32) > 2 * counted  # attention grows faster than linearly
+
+
+def test_perplexity_spread_scores_each_document_and_pools_by_tokens():
+    model, tok = tiny_gpt2(), CharTokenizer()
+    documents = [["abcdefghij" * 5], ["klmnopqrst" * 2, "uvwxyz" * 3], ["0123456789" * 4]]
+    spread = evaluation.perplexity_spread(model, tok, documents, tokens_per_document=30, window=16)
+    for doc, value in zip(documents, spread.per_document, strict=True):
+        assert value == pytest.approx(evaluation.perplexity(model, tok, doc, window=16, max_tokens=30), rel=1e-6)
+    assert spread.tokens == [15 + 13, 15 + 13, 15 + 13]  # 30 tokens: windows of 16 and 14, first token of each unscored
+    pooled = math.exp(sum(n * t for n, t in zip(spread.nll, spread.tokens, strict=True)) / sum(spread.tokens))
+    assert spread.ppl == pytest.approx(pooled) and spread.se_log_ppl > 0
+    assert spread.difference(spread) == (0.0, 0.0)
+    other = evaluation.perplexity_spread(tiny_gpt2(seed=1), tok, documents, tokens_per_document=30, window=16)
+    diff, se = other.difference(spread)
+    assert diff == pytest.approx(statistics_mean([a - b for a, b in zip(other.nll, spread.nll, strict=True)]))
+    assert se > 0
+    with pytest.raises(ValueError, match="non-empty"):
+        evaluation.perplexity_spread(model, tok, [])
+    with pytest.raises(ValueError, match="same documents"):
+        spread.difference(evaluation.perplexity_spread(model, tok, documents[:2], tokens_per_document=30))
+
+
+def statistics_mean(values):
+    return sum(values) / len(values)
