@@ -125,6 +125,11 @@ def _resolve_source(role_or_id: str, profile: Profile) -> tuple[str, Path | str]
     return "hub", model_id
 
 
+def resolve_source(role_or_id: str, profile: Profile | str | None = None) -> tuple[str, Path | str]:
+    """(kind, location) ``load_model`` would load ``role_or_id`` from: kind "smollm2", "standin", "local" or "hub"."""
+    return _resolve_source(role_or_id, get_profile(profile))
+
+
 def hub_error_message(model_id: str, exc: Exception) -> str:
     text = str(exc)
     if "gated" in text.lower() or "401" in text or "403" in text or "restricted" in text.lower():
