@@ -207,7 +207,8 @@ def check_request(model: str, recipe: Recipe, out: str | Path, profile: Profile 
             import torchao  # noqa: F401
         except ImportError:
             raise ValueError("--quantize int8 needs torchao: pip install torchao") from None
-    return Request(model=model, location=location, config=config, out=out, recipe=recipe,
+    shown = profile.model_id(model) if model in profile.models else model
+    return Request(model=shown, location=location, config=config, out=out, recipe=recipe,
                    calibration_text=calibration_text)
 
 
@@ -259,6 +260,45 @@ def _quantized_copy(model: nn.Module, tokenizer, work: Path) -> nn.Module:
     return quantized.eval()
 
 
+# ---------------------------------------------------------------------------------------------
+# The steps, each usable on its own (lesson 12 calls them one by one)
+# ---------------------------------------------------------------------------------------------
+
+def remove_depth(model: nn.Module, n: int, calibration: list[dict], refit: bool = True) -> list[int]:
+    """Drop the ``n`` decoder layers of lowest block influence (in place); refit the kept MLP outputs. Returns them."""
+    influence = importance.block_influence(model, calibration)
+    layers = sorted(influence.argsort()[:n].tolist())
+    surgery.drop_layers(model, layers, calibration=calibration if refit else None, refit=refit)
+    return layers
+
+
+def remove_width(model: nn.Module, ratio: float, calibration: list[dict], method: str = "wanda_like",
+                 refit: bool = True, multiple_of: int = 64):
+    """Remove ``ratio`` of every MLP's neurons, the same kept width in every layer (a stock config); in place."""
+    needs_gram = refit or method == "obs"
+    stats = importance.collect_stats(model, calibration, gram=needs_gram)
+    return surgery.prune_mlp(model, ratio, method=method, stats=stats, multiple_of=multiple_of,
+                             refit=None if method == "obs" else refit)
+
+
+def recover(student: nn.Module, teacher: nn.Module | None, windows: list[dict], recipe: Recipe,
+            progress: bool = True, teacher_cache: distill.TeacherCache | None = None) -> distill.History:
+    """``recipe.steps`` of distillation from ``teacher`` (or plain fine-tuning when ``teacher`` is None)."""
+    config = distill.DistillConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=max(1, recipe.steps // 10),
+                                   alpha=recipe.alpha if teacher is not None else 0.0,
+                                   temperature=recipe.temperature, eval_every=0, seed=recipe.seed)
+    history = distill.distill(student, teacher, windows, config, progress=progress,
+                              name="kd" if teacher is not None else "finetune", teacher_cache=teacher_cache)
+    student.eval()
+    return history
+
+
+def quantize_int8(model: nn.Module, tokenizer, work: str | Path) -> nn.Module:
+    """An int8 weight-only copy of ``model`` (every ``nn.Linear`` but the output layer), made the way
+    ``from_pretrained`` applies torchao, so it saves and reloads with the stock loader; ``work`` is scratch space."""
+    return _quantized_copy(model, tokenizer, Path(work))
+
+
 def run(request: Request, profile: Profile | str | None = None, progress: bool = True,
         log=print) -> PruneResult:
     """Run a checked request (``check_request``); the output directory appears only when everything succeeded."""
@@ -295,18 +335,13 @@ def run(request: Request, profile: Profile | str | None = None, progress: bool =
     student = copy.deepcopy(model) if recipe.recover == "kd" or recipe.depth or recipe.width else model
     stage("base", teacher, request.model)
     if recipe.depth:
-        influence = importance.block_influence(student, calibration)
-        layers = sorted(influence.argsort()[:recipe.depth].tolist())
-        surgery.drop_layers(student, layers, calibration=calibration if recipe.refit else None, refit=recipe.refit)
+        layers = remove_depth(student, recipe.depth, calibration, refit=recipe.refit)
         result.layers_removed = layers
         stage("depth", student, f"layers {layers} removed (lowest block influence)"
               + (", kept layers refitted" if recipe.refit else ""))
     if recipe.width:
-        needs_gram = recipe.refit or recipe.width_method == "obs"
-        stats = importance.collect_stats(student, calibration, gram=needs_gram)
-        refit = None if recipe.width_method == "obs" else recipe.refit
-        report = surgery.prune_mlp(student, recipe.width, method=recipe.width_method, stats=stats,
-                                   multiple_of=recipe.multiple_of, refit=refit)
+        report = remove_width(student, recipe.width, calibration, method=recipe.width_method, refit=recipe.refit,
+                              multiple_of=recipe.multiple_of)
         result.mlp_width = int(arch.intermediate_size(student))
         stage("width", student, f"{recipe.width:.0%} of MLP neurons by {recipe.width_method}"
               + (" + refit" if recipe.refit or recipe.width_method == "obs" else "")
@@ -315,12 +350,7 @@ def run(request: Request, profile: Profile | str | None = None, progress: bool =
     if recipe.recover != "none":
         windows = data.token_windows(tokenizer, texts, seq_len=recipe.train_seq_len,
                                      batch_size=recipe.train_batch_size, seed=recipe.seed)
-        config = distill.DistillConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=max(1, recipe.steps // 10),
-                                       alpha=recipe.alpha if recipe.recover == "kd" else 0.0,
-                                       temperature=recipe.temperature, eval_every=0, seed=recipe.seed)
-        distill.distill(student, teacher if recipe.recover == "kd" else None, windows, config,
-                        progress=progress, name=recipe.recover)
-        student.eval()
+        recover(student, teacher if recipe.recover == "kd" else None, windows, recipe, progress=progress)
         stage(recipe.recover, student, f"{recipe.steps} steps x {recipe.train_batch_size * recipe.train_seq_len} "
               "tokens" + (f", alpha {recipe.alpha}, T {recipe.temperature}" if recipe.recover == "kd" else ""))
     if teacher is not student:

@@ -161,3 +161,11 @@ def test_the_command_runs_and_refuses(tiny_dir, tmp_path):
                         capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "width" in ok.stdout and (tmp_path / "y" / "config.json").is_file()
+
+
+def test_the_console_script_is_installed():
+    """`pip install -e .` (make venv) puts `course-utils` next to the interpreter; it answers --help."""
+    script = Path(sys.executable).parent / "course-utils"
+    assert script.is_file(), "reinstall the package: pip install -e . (the console script is missing)"
+    done = subprocess.run([str(script), "prune", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--width" in done.stdout and "--recipe" in done.stdout
