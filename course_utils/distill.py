@@ -15,6 +15,12 @@ one GPU, or several GPUs under ``accelerate launch`` (with an FSDP or DeepSpeed 
 do not fit one device). The student trains in place (no second copy); the teacher runs in inference
 mode (no gradients). ``alpha=0`` is plain cross-entropy fine-tuning, and then the teacher is never run.
 
+A long run survives an interruption: with ``checkpoint_dir`` and ``checkpoint_every``, the loop saves the
+student, the optimiser, the schedule and the random states with accelerate's ``save_state`` (the teacher is
+left out: it never changes), and ``resume=True`` continues from the last complete checkpoint to the result an
+uninterrupted run gives. Under several processes the logged loss is the mean over processes, so the curve is
+the one a single process computes on the same global batch.
+
 Several runs that share a teacher and a list of training batches (comparing losses, temperatures or
 students) can share the teacher's work too: pass one ``TeacherCache`` to each. The teacher then runs
 once per batch over all the runs, and every run gives exactly the result it gives without the cache.
@@ -22,10 +28,14 @@ once per batch over all the runs, and every run gives exactly the result it give
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -237,9 +247,62 @@ def _batch_stream(indices: list[int], steps: int, seed: int) -> Iterable[int]:
             done += 1
 
 
+CHECKPOINT_PREFIX = "step-"
+
+
+def checkpoints(directory: str | Path) -> list[Path]:
+    """The complete checkpoints in ``directory``, oldest first (a half-written one is never listed)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "history.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def _fingerprint(config: DistillConfig, n_batches: int, n_processes: int) -> dict:
+    """What a checkpoint must agree on to be resumed (JSON-shaped: dict keys become strings)."""
+    settings = asdict(config)
+    settings.pop("eval_every")
+    return json.loads(json.dumps({"config": settings, "batches": n_batches, "processes": n_processes}))
+
+
+def _save_checkpoint(accelerator, directory: Path, step: int, history: History, fingerprint: dict) -> None:
+    """save_state into a hidden folder, then rename it into place and drop the older checkpoints."""
+    partial = directory / f".{CHECKPOINT_PREFIX}{step:06d}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        directory.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"step": step, "fingerprint": fingerprint, **asdict(history)}
+        (partial / "history.json").write_text(json.dumps(state) + "\n", encoding="utf-8")
+        older = checkpoints(directory)
+        os.rename(partial, directory / f"{CHECKPOINT_PREFIX}{step:06d}")
+        for path in older:
+            shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _keep_teacher_out_of_checkpoints(accelerator, teacher: nn.Module) -> None:
+    """The teacher is prepared too (so it sits on the right device), but it never changes: do not save it."""
+    def on_save(models, weights, _directory):
+        if len(models) == len(weights):
+            weights[:] = [w for m, w in zip(models, weights) if m is not teacher]
+
+    def on_load(models, _directory):
+        models[:] = [m for m in models if m is not teacher]
+
+    accelerator.register_save_state_pre_hook(on_save)
+    accelerator.register_load_state_pre_hook(on_load)
+
+
 def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], config: DistillConfig,
             evaluate: Callable[[nn.Module], float] | None = None, name: str = "kd",
-            accelerator=None, progress: bool = True, teacher_cache: TeacherCache | None = None) -> History:
+            accelerator=None, progress: bool = True, teacher_cache: TeacherCache | None = None,
+            checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False) -> History:
     """Train ``student`` in place on ``batches`` (dicts with ``input_ids`` and ``attention_mask``).
 
     - ``teacher``: the unpruned model (inference only); may be ``None`` when ``config.alpha == 0`` and no
@@ -250,6 +313,9 @@ def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], 
       it wraps the student (DDP / FSDP / DeepSpeed, from the launch config) and gives each process
       every n-th batch.
     - ``teacher_cache``: a ``TeacherCache(teacher, batches)`` shared by several runs on the same batches.
+    - ``checkpoint_dir``, ``checkpoint_every``: save the training state every that many steps and at the end;
+      ``resume=True`` continues from the last checkpoint there (same config and batches, else a ValueError),
+      or starts afresh when there is none.
     Only parameters with ``requires_grad`` train (see ``freeze_all_but_mlp``).
     """
     from accelerate import Accelerator
@@ -266,13 +332,20 @@ def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], 
             _check_hidden_layers(teacher, student, config.hidden_layers)
         if teacher_cache is not None:
             teacher_cache.check(teacher, batches)
+    if (checkpoint_every or resume) and checkpoint_dir is None:
+        raise ValueError("checkpoint_every and resume need a checkpoint_dir to write to and read from")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0 (0 = only at the end); got {checkpoint_every}")
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the student has no trainable parameters (did you freeze everything?)")
     accelerator = accelerator or Accelerator()
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_lambda(config.warmup_steps, config.steps))
-    student, optimiser, schedule = accelerator.prepare(student, optimiser, schedule)
+    # the schedule is not prepared: accelerate would step a prepared one once per process at every step (it
+    # assumes the batches are split between processes); here each process takes ``config.steps`` steps
+    student, optimiser = accelerator.prepare(student, optimiser)
+    accelerator.register_for_checkpointing(schedule)
     if needs_teacher:
         teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
         teacher.eval()
@@ -280,6 +353,21 @@ def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], 
     if accelerator.num_processes > 1:  # each process trains on its own share of the batches
         indices = indices[accelerator.process_index::accelerator.num_processes]
     history = History(name=name)
+    fingerprint = _fingerprint(config, len(batches), accelerator.num_processes)
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        if needs_teacher:
+            _keep_teacher_out_of_checkpoints(accelerator, teacher)
+    done = 0  # steps already taken (by the run a checkpoint comes from)
+    if resume and (found := checkpoints(checkpoint_dir)):
+        state = json.loads((found[-1] / "history.json").read_text(encoding="utf-8"))
+        if state.pop("fingerprint") != fingerprint:
+            raise ValueError(f"the checkpoint {found[-1]} was written by a run with other settings or batches: "
+                             "resume with the same DistillConfig, batches and number of processes, or give a "
+                             "new checkpoint_dir")
+        accelerator.load_state(str(found[-1]))
+        done = state.pop("step")
+        history = History(**state)
 
     def run_eval(step: int) -> None:
         if evaluate is None:
@@ -291,12 +379,16 @@ def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], 
         history.eval_steps.append(step)
         history.eval_scores.append(score)
 
-    run_eval(0)
-    start = time.time()
+    if done == 0:
+        run_eval(0)
+    start = time.time() - history.seconds
     student.train()
-    bar = tqdm(total=config.steps, desc=name, disable=not (progress and accelerator.is_local_main_process))
+    bar = tqdm(total=config.steps, initial=done, desc=name,
+               disable=not (progress and accelerator.is_local_main_process))
     want_hidden = config.hidden_weight > 0
     for step, index in enumerate(_batch_stream(indices, config.steps, config.seed), start=1):
+        if step <= done:
+            continue  # taken before the checkpoint: the stream is replayed only to reach the same order
         batch = {k: v.to(accelerator.device) for k, v in batches[index].items()}
         mask = batch.get("attention_mask")
         teacher_logits = teacher_hidden = None
@@ -318,18 +410,22 @@ def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], 
         accelerator.clip_grad_norm_(params, config.max_grad_norm)
         optimiser.step()
         schedule.step()
-        history.loss.append(float(total.detach()))
-        history.soft.append(loss.soft)
-        history.hard.append(loss.hard)
+        logged = torch.tensor([float(total.detach()), loss.soft, loss.hard], device=accelerator.device)
+        if accelerator.num_processes > 1:  # the global batch's loss, not this process's share
+            logged = accelerator.reduce(logged, reduction="mean")
+        for series, value in zip((history.loss, history.soft, history.hard), logged.tolist()):
+            series.append(value)
         bar.update(1)
         bar.set_postfix(loss=f"{history.loss[-1]:.3f}")
         if config.eval_every and step % config.eval_every == 0 and step != config.steps:
             run_eval(step)
+        if checkpoint_dir is not None and (step == config.steps or (checkpoint_every and step % checkpoint_every == 0)):
+            history.seconds = time.time() - start
+            _save_checkpoint(accelerator, checkpoint_dir, step, history, fingerprint)
     bar.close()
     history.seconds = time.time() - start
     run_eval(config.steps)
     student.eval()
-    accelerator.unwrap_model(student)
     return history
 
 

@@ -192,3 +192,81 @@ def test_teacher_cache_gives_the_uncached_result_and_runs_the_teacher_once_per_b
     with pytest.raises(ValueError, match="another teacher or another list"):
         distill.distill(tiny_llama(seed=1), teacher, list(batches), distill.DistillConfig(steps=1),
                         progress=False, teacher_cache=cache)
+
+
+def _stop_at(monkeypatch, call: int) -> None:
+    """Make the ``call``-th loss computation raise KeyboardInterrupt (a run stopped part-way)."""
+    original, calls = distill.kd_loss, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+    monkeypatch.setattr(distill, "kd_loss", interrupted)
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+    teacher, batches = tiny_llama(), [padded_batch(seed=s) for s in range(3)]
+    config = distill.DistillConfig(steps=6, lr=1e-3, warmup_steps=2, eval_every=0)
+    straight = tiny_llama(seed=1)
+    expected = distill.distill(straight, teacher, batches, config, progress=False)
+
+    resumed = tiny_llama(seed=1)
+    _stop_at(monkeypatch, 4)  # steps 1-3 done, checkpoint at step 2, stopped inside step 4
+    with pytest.raises(KeyboardInterrupt):
+        distill.distill(resumed, teacher, batches, config, progress=False, checkpoint_dir=tmp_path, checkpoint_every=2)
+    monkeypatch.undo()
+    assert [p.name for p in distill.checkpoints(tmp_path)] == ["step-000002"]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no half-written checkpoint left
+    assert not list(tmp_path.glob("step-*/model_1*"))  # the teacher is not saved
+    fresh = tiny_llama(seed=1)  # a new process: the weights come from the checkpoint, not from memory
+    history = distill.distill(fresh, teacher, batches, config, progress=False, checkpoint_dir=tmp_path,
+                              checkpoint_every=2, resume=True)
+    assert history.loss == expected.loss  # bit-identical curve: steps 1-2 from the checkpoint, 3-6 retrained
+    for (name, a), b in zip(straight.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [p.name for p in distill.checkpoints(tmp_path)] == ["step-000006"]  # the end is saved too
+    with pytest.raises(ValueError, match="other settings or batches"):
+        distill.distill(tiny_llama(seed=1), teacher, batches, distill.DistillConfig(steps=6, lr=2e-3),
+                        progress=False, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="need a checkpoint_dir"):
+        distill.distill(tiny_llama(seed=1), teacher, batches, config, progress=False, resume=True)
+
+
+def test_two_processes_give_the_one_process_curve_on_the_same_global_batch(tmp_path):
+    """accelerate launch, two CPU processes (gloo): DDP averages the gradients of two one-row batches, which is
+    the gradient of one process's mean over both rows (equal lengths), so curve and weights must agree."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from distill_worker import CONFIG, rows
+
+    here = Path(__file__).resolve().parent
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(_free_port()),
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           str(here / "distill_worker.py"), str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = json.loads(out.read_text())
+    assert ddp["processes"] == 2
+    single = rows()  # process r takes batches r, r + 2, ...; step t joins the two rows of one global batch
+    merged = [{k: torch.cat([single[2 * i][k], single[2 * i + 1][k]]) for k in single[0]} for i in range(4)]
+    student = tiny_llama(seed=1)
+    history = distill.distill(student, tiny_llama(seed=0), merged, distill.DistillConfig(**CONFIG), progress=False)
+    assert ddp["loss"] == pytest.approx(history.loss, rel=1e-5)
+    for name, value in ddp["weights"].items():
+        assert torch.allclose(torch.tensor(value), student.state_dict()[name], atol=1e-6), name
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
