@@ -290,7 +290,7 @@ def _keep_teacher_out_of_checkpoints(accelerator, teacher: nn.Module) -> None:
     """The teacher is prepared too (so it sits on the right device), but it never changes: do not save it."""
     def on_save(models, weights, _directory):
         if len(models) == len(weights):
-            weights[:] = [w for m, w in zip(models, weights) if m is not teacher]
+            weights[:] = [w for m, w in zip(models, weights, strict=True) if m is not teacher]
 
     def on_load(models, _directory):
         models[:] = [m for m in models if m is not teacher]
@@ -413,7 +413,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], 
         logged = torch.tensor([float(total.detach()), loss.soft, loss.hard], device=accelerator.device)
         if accelerator.num_processes > 1:  # the global batch's loss, not this process's share
             logged = accelerator.reduce(logged, reduction="mean")
-        for series, value in zip((history.loss, history.soft, history.hard), logged.tolist()):
+        for series, value in zip((history.loss, history.soft, history.hard), logged.tolist(), strict=True):
             series.append(value)
         bar.update(1)
         bar.set_postfix(loss=f"{history.loss[-1]:.3f}")

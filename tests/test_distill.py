@@ -224,7 +224,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, m
     history = distill.distill(fresh, teacher, batches, config, progress=False, checkpoint_dir=tmp_path,
                               checkpoint_every=2, resume=True)
     assert history.loss == expected.loss  # bit-identical curve: steps 1-2 from the checkpoint, 3-6 retrained
-    for (name, a), b in zip(straight.state_dict().items(), fresh.state_dict().values()):
+    for (name, a), b in zip(straight.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert [p.name for p in distill.checkpoints(tmp_path)] == ["step-000006"]  # the end is saved too
     with pytest.raises(ValueError, match="other settings or batches"):
@@ -248,9 +248,11 @@ def test_two_processes_give_the_one_process_curve_on_the_same_global_batch(tmp_p
     here = Path(__file__).resolve().parent
     out = tmp_path / "ddp.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(_free_port()),
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           str(here / "distill_worker.py"), str(out)],
+    # --multi_gpu starts torch.distributed.run; on a machine without GPUs each process then takes the gloo backend
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(_free_port()), "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    done = subprocess.run([*launch, str(here / "distill_worker.py"), str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = json.loads(out.read_text())
