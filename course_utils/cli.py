@@ -6,6 +6,10 @@
 or ``--recipe recipe.toml`` with the same field names as ``pipeline.Recipe`` (flags given on the command line
 override the file). Every argument is checked before any weights load; the output directory appears only
 when the run completed (model, tokenizer, model card, ``prune_report.json``).
+
+A long recovery: ``--checkpoint-every 100`` saves its state beside the output (``OUT.checkpoints``); after an
+interruption the same command with ``--resume`` continues from the last checkpoint. On several devices:
+``accelerate launch --num_processes 4 -m course_utils prune ...`` (DDP; each process takes every 4th batch).
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ def parser() -> argparse.ArgumentParser:
                                                   "instead of the profile's calibration split")
     prune.add_argument("--profile", choices=("offline", "full"), help="text and model profile (default: offline)")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    prune.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                       help="save the recovery state every N steps in OUT.checkpoints (kept until the run completes)")
+    prune.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run of the same command from its last checkpoint")
     prune.add_argument("--quiet", action="store_true", help="no progress bars")
     return top
 
@@ -68,11 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = recipe_from(args)
         request = pipeline.check_request(args.model, recipe, args.out, profile=args.profile,
-                                         calibration_text=args.calibration_text, overwrite=args.overwrite)
+                                         calibration_text=args.calibration_text, overwrite=args.overwrite,
+                                         checkpoint_every=args.checkpoint_every, resume=args.resume)
     except ValueError as error:
         print(f"prune: {error}", file=sys.stderr)
         return 2
     result = pipeline.run(request, profile=args.profile, progress=not args.quiet)
+    if not result.stages or result.stages[-1].step != "save":
+        return 0  # a helper process of `accelerate launch`: the main process reports and saves
     print(result.table())
     print(f"saved to {result.out}; load with {result.loader}({str(result.out)!r})")
     return 0

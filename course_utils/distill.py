@@ -250,6 +250,16 @@ def _batch_stream(indices: list[int], steps: int, seed: int) -> Iterable[int]:
 CHECKPOINT_PREFIX = "step-"
 
 
+def make_accelerator():
+    """An ``Accelerator`` that also finds its processes on a machine without GPUs (``accelerate launch`` there
+    starts several CPU processes, which train together over gloo only when the Accelerator is told ``cpu``)."""
+    from accelerate import Accelerator
+
+    mps = getattr(torch.backends, "mps", None)
+    has_device = torch.cuda.is_available() or bool(mps and mps.is_available())
+    return Accelerator(cpu=not has_device)
+
+
 def checkpoints(directory: str | Path) -> list[Path]:
     """The complete checkpoints in ``directory``, oldest first (a half-written one is never listed)."""
     directory = Path(directory)
@@ -318,7 +328,6 @@ def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], 
       or starts afresh when there is none.
     Only parameters with ``requires_grad`` train (see ``freeze_all_but_mlp``).
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     if not batches:
@@ -339,7 +348,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], 
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the student has no trainable parameters (did you freeze everything?)")
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_lambda(config.warmup_steps, config.steps))
     # the schedule is not prepared: accelerate would step a prepared one once per process at every step (it

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import arch, data, distill, evaluation, importance, models, surgery
+from . import arch, data, distill, evaluation, importance, models, quantize, surgery
 from .profiles import Profile, get_profile
 
 RECOVERY = ("none", "kd", "finetune")
@@ -146,6 +146,13 @@ class Request:
     out: Path
     recipe: Recipe
     calibration_text: Path | None = None
+    checkpoint_every: int = 0  # recovery steps between checkpoints (0 = none)
+    resume: bool = False  # continue the recovery from the last checkpoint, if there is one
+
+    @property
+    def checkpoints(self) -> Path:
+        """Where the recovery's checkpoints go: beside the output, kept until the run completes."""
+        return self.out.parent / f"{self.out.name}.checkpoints"
 
 
 def _config_and_tokenizer(location: str):
@@ -154,8 +161,26 @@ def _config_and_tokenizer(location: str):
     return AutoConfig.from_pretrained(location), AutoTokenizer.from_pretrained(location)
 
 
+def _checkpoint_owner(model: str, recipe: Recipe) -> dict:
+    return {"model": model, "recipe": asdict(recipe)}
+
+
+def _check_checkpoints(request: Request) -> None:
+    """Checkpoints beside ``--out`` must come from this very command, and are used only with ``--resume``."""
+    owner_file = request.checkpoints / "recipe.json"
+    if not owner_file.is_file():
+        return
+    if not request.resume:
+        raise ValueError(f"{request.checkpoints} holds checkpoints of an earlier run: pass --resume to continue "
+                         "it, or remove that folder to start again")
+    if json.loads(owner_file.read_text(encoding="utf-8")) != _checkpoint_owner(request.model, request.recipe):
+        raise ValueError(f"the checkpoints in {request.checkpoints} come from another model or recipe: run the "
+                         "same command to resume it, or remove that folder to start again")
+
+
 def check_request(model: str, recipe: Recipe, out: str | Path, profile: Profile | str | None = None,
-                  calibration_text: str | Path | None = None, overwrite: bool = False) -> Request:
+                  calibration_text: str | Path | None = None, overwrite: bool = False,
+                  checkpoint_every: int = 0, resume: bool = False) -> Request:
     """Refuse, with a message that says what to do, anything that would fail later; loads no weights.
 
     Reads only the model's config and tokenizer files: the architecture must be one the course supports,
@@ -207,9 +232,15 @@ def check_request(model: str, recipe: Recipe, out: str | Path, profile: Profile 
             import torchao  # noqa: F401
         except ImportError:
             raise ValueError("--quantize int8 needs torchao: pip install torchao") from None
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be an int >= 0 (recovery steps); got {checkpoint_every!r}")
+    if (checkpoint_every or resume) and recipe.recover == "none":
+        raise ValueError("--checkpoint-every and --resume apply to the recovery: give --recover kd (or finetune)")
     shown = profile.model_id(model) if model in profile.models else model
-    return Request(model=shown, location=location, config=config, out=out, recipe=recipe,
-                   calibration_text=calibration_text)
+    request = Request(model=shown, location=location, config=config, out=out, recipe=recipe,
+                      calibration_text=calibration_text, checkpoint_every=checkpoint_every, resume=resume)
+    _check_checkpoints(request)
+    return request
 
 
 @dataclass
@@ -249,17 +280,6 @@ def _paragraphs(path: Path) -> list[str]:
     return parts
 
 
-def _quantized_copy(model: nn.Module, tokenizer, work: Path) -> nn.Module:
-    """Int8 weight-only copy of ``model``, made the way from_pretrained applies torchao (so it saves and reloads)."""
-    from torchao.quantization import Int8WeightOnlyConfig
-    from transformers import AutoModelForCausalLM, TorchAoConfig
-
-    models.save_pruned(model, tokenizer, work, verify=False)
-    quantized = AutoModelForCausalLM.from_pretrained(
-        work, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), dtype=torch.float32)
-    return quantized.eval()
-
-
 # ---------------------------------------------------------------------------------------------
 # The steps, each usable on its own (lesson 12 calls them one by one)
 # ---------------------------------------------------------------------------------------------
@@ -282,13 +302,16 @@ def remove_width(model: nn.Module, ratio: float, calibration: list[dict], method
 
 
 def recover(student: nn.Module, teacher: nn.Module | None, windows: list[dict], recipe: Recipe,
-            progress: bool = True, teacher_cache: distill.TeacherCache | None = None) -> distill.History:
-    """``recipe.steps`` of distillation from ``teacher`` (or plain fine-tuning when ``teacher`` is None)."""
+            progress: bool = True, teacher_cache: distill.TeacherCache | None = None,
+            **checkpointing) -> distill.History:
+    """``recipe.steps`` of distillation from ``teacher`` (or plain fine-tuning when ``teacher`` is None);
+    ``checkpointing``: ``checkpoint_dir``, ``checkpoint_every``, ``resume``, ``accelerator`` of ``distill.distill``."""
     config = distill.DistillConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=max(1, recipe.steps // 10),
                                    alpha=recipe.alpha if teacher is not None else 0.0,
                                    temperature=recipe.temperature, eval_every=0, seed=recipe.seed)
     history = distill.distill(student, teacher, windows, config, progress=progress,
-                              name="kd" if teacher is not None else "finetune", teacher_cache=teacher_cache)
+                              name="kd" if teacher is not None else "finetune", teacher_cache=teacher_cache,
+                              **checkpointing)
     student.eval()
     return history
 
@@ -296,14 +319,21 @@ def recover(student: nn.Module, teacher: nn.Module | None, windows: list[dict], 
 def quantize_int8(model: nn.Module, tokenizer, work: str | Path) -> nn.Module:
     """An int8 weight-only copy of ``model`` (every ``nn.Linear`` but the output layer), made the way
     ``from_pretrained`` applies torchao, so it saves and reloads with the stock loader; ``work`` is scratch space."""
-    return _quantized_copy(model, tokenizer, Path(work))
+    return quantize.int8_copy(model, tokenizer, Path(work))
 
 
 def run(request: Request, profile: Profile | str | None = None, progress: bool = True,
         log=print) -> PruneResult:
-    """Run a checked request (``check_request``); the output directory appears only when everything succeeded."""
+    """Run a checked request (``check_request``); the output directory appears only when everything succeeded.
+
+    Under ``accelerate launch`` every process prunes the same way and trains on its share of the batches (DDP);
+    only the main process quantizes and saves (the others return after the recovery).
+    """
     from tqdm.auto import tqdm
 
+    accelerator = distill.make_accelerator()
+    main_process = accelerator.is_main_process
+    progress, log = progress and main_process, log if main_process else (lambda *_: None)
     recipe, profile = request.recipe, get_profile(profile)
     torch.manual_seed(recipe.seed)
     n_steps = 2 + bool(recipe.depth) + bool(recipe.width) + (recipe.recover != "none") + (recipe.quantize != "none")
@@ -350,11 +380,24 @@ def run(request: Request, profile: Profile | str | None = None, progress: bool =
     if recipe.recover != "none":
         windows = data.token_windows(tokenizer, texts, seq_len=recipe.train_seq_len,
                                      batch_size=recipe.train_batch_size, seed=recipe.seed)
-        recover(student, teacher if recipe.recover == "kd" else None, windows, recipe, progress=progress)
+        checkpointing = {}
+        if request.checkpoint_every or request.resume:
+            if main_process:
+                request.checkpoints.mkdir(parents=True, exist_ok=True)
+                (request.checkpoints / "recipe.json").write_text(
+                    json.dumps(_checkpoint_owner(request.model, recipe)), encoding="utf-8")
+            checkpointing = dict(checkpoint_dir=request.checkpoints, checkpoint_every=request.checkpoint_every,
+                                 resume=request.resume)
+        checkpointing["accelerator"] = accelerator
+        recover(student, teacher if recipe.recover == "kd" else None, windows, recipe, progress=progress,
+                **checkpointing)
         stage(recipe.recover, student, f"{recipe.steps} steps x {recipe.train_batch_size * recipe.train_seq_len} "
               "tokens" + (f", alpha {recipe.alpha}, T {recipe.temperature}" if recipe.recover == "kd" else ""))
     if teacher is not student:
         del teacher
+    if not main_process:
+        bar.close()
+        return result
 
     out = request.out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -362,14 +405,14 @@ def run(request: Request, profile: Profile | str | None = None, progress: bool =
     try:
         final = student
         if recipe.quantize == "int8":
-            final = _quantized_copy(student, tokenizer, work / "float")
+            final = quantize.int8_copy(student, tokenizer, work / "float")
             stage("int8", final, "weight-only int8 (torchao), through TorchAoConfig")
         card = {"source model": request.model, "recipe": json.dumps(asdict(recipe), sort_keys=True),
                 **{f"PPL after {s.step}": round(s.ppl, 2) for s in result.stages},
                 "held-out text": f"{recipe.eval_tokens} tokens of the {profile.name} profile's evaluation split"}
         target = work / "model"
         if recipe.quantize == "int8":
-            _save_quantized(final, tokenizer, target, card)
+            quantize.save_int8(final, tokenizer, target, card)
         else:
             models.save_pruned(final, tokenizer, target, card=card)  # verified: reloads to identical logits
         result.stages.append(Stage("save", result.stages[-1].parameters, result.stages[-1].ppl,
@@ -381,25 +424,9 @@ def run(request: Request, profile: Profile | str | None = None, progress: bool =
         if out.exists():
             shutil.rmtree(out)
         os.rename(target, out)
+        shutil.rmtree(request.checkpoints, ignore_errors=True)  # the run is complete: nothing to resume
         bar.update(1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         bar.close()
     return result
-
-
-def _save_quantized(model: nn.Module, tokenizer, target: Path, card: dict) -> None:
-    """save_pretrained of the torchao model, a card, and the reload check (plain from_pretrained, same logits)."""
-    from transformers import AutoModelForCausalLM
-
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    lines = ["# Pruned and int8-quantized model", "", "Load with plain `AutoModelForCausalLM.from_pretrained(path)` "
-             "(torchao must be installed: the config carries its `quantization_config`).", "",
-             "| field | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in card.items()]
-    (target / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
-    ids = torch.arange(1, 17).unsqueeze(0) * max(1, model.config.vocab_size // 17)
-    with torch.no_grad():
-        if not torch.equal(model(ids).logits, reloaded(ids).logits):
-            raise ValueError("the saved int8 model reloads to different logits; nothing was written")

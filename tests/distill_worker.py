@@ -26,9 +26,7 @@ CONFIG = dict(steps=3, lr=1e-3, warmup_steps=1, eval_every=0, alpha=0.5, tempera
 
 
 def main(out: str) -> None:
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=True)
+    accelerator = distill.make_accelerator()
     student = tiny_llama(seed=1)
     history = distill.distill(student, tiny_llama(seed=0), rows(), distill.DistillConfig(**CONFIG),
                               accelerator=accelerator, progress=False)

@@ -169,3 +169,56 @@ def test_the_console_script_is_installed():
     assert script.is_file(), "reinstall the package: pip install -e . (the console script is missing)"
     done = subprocess.run([str(script), "prune", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--width" in done.stdout and "--recipe" in done.stdout
+
+
+def test_an_interrupted_recovery_resumes_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    recipe = pipeline.Recipe(width=0.25, multiple_of=32, recover="kd", steps=4, **FAST)
+    straight = pipeline.run(pipeline.check_request(str(tiny_dir), recipe, tmp_path / "straight"),
+                            progress=False, log=lambda *_: None)
+    original, calls = distill.kd_loss, []
+
+    def stopped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # inside step 3, after the checkpoint of step 2
+        return original(*args, **kwargs)
+    monkeypatch.setattr(distill, "kd_loss", stopped)
+    out = tmp_path / "out"
+    request = pipeline.check_request(str(tiny_dir), recipe, out, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(request, progress=False, log=lambda *_: None)
+    monkeypatch.undo()
+    assert not out.exists() and [p.name for p in distill.checkpoints(request.checkpoints)] == ["step-000002"]
+    with pytest.raises(ValueError, match="pass --resume"):
+        pipeline.check_request(str(tiny_dir), recipe, out, checkpoint_every=2)
+    with pytest.raises(ValueError, match="another model or recipe"):
+        pipeline.check_request(str(tiny_dir), pipeline.Recipe(width=0.5, recover="kd", steps=4, **FAST), out,
+                               resume=True)
+    resumed = pipeline.run(pipeline.check_request(str(tiny_dir), recipe, out, checkpoint_every=2, resume=True),
+                           progress=False, log=lambda *_: None)
+    assert resumed.stages[-2].step == "kd" and resumed.stages[-2].ppl == straight.stages[-2].ppl
+    assert not request.checkpoints.exists()  # removed once the output is complete
+    with pytest.raises(ValueError, match="apply to the recovery"):
+        pipeline.check_request(str(tiny_dir), pipeline.Recipe(width=0.25), tmp_path / "o", resume=True)
+
+
+def test_the_command_runs_under_accelerate_launch_on_two_processes(tiny_dir, tmp_path):
+    """Two CPU processes (gloo): both prune and train (DDP), the main one saves; the output reloads."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "COURSE_PROFILE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(port), "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "-m", "course_utils"]
+    done = subprocess.run(launch + ["prune", "--model", str(tiny_dir), "--quiet", "--eval-tokens", "256",
+                                    "--calib-samples", "8", "--width", "0.25", "--multiple-of", "32", "--recover",
+                                    "kd", "--steps", "2", "--out", str(tmp_path / "ddp")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("saved to") == 1  # one process reports and saves
+    report = json.loads((tmp_path / "ddp" / pipeline.REPORT_FILE).read_text())
+    assert [s["step"] for s in report["stages"]] == ["base", "width", "kd", "save"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ddp").config.intermediate_size == 96
