@@ -28,10 +28,7 @@ once per batch over all the runs, and every run gives exactly the result it give
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -41,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import arch
+from . import arch, checkpointing
 
 
 @dataclass
@@ -247,9 +244,6 @@ def _batch_stream(indices: list[int], steps: int, seed: int) -> Iterable[int]:
             done += 1
 
 
-CHECKPOINT_PREFIX = "step-"
-
-
 def make_accelerator():
     """An ``Accelerator`` that also finds its processes on a machine without GPUs (``accelerate launch`` there
     starts several CPU processes, which train together over gloo only when the Accelerator is told ``cpu``)."""
@@ -258,55 +252,6 @@ def make_accelerator():
     mps = getattr(torch.backends, "mps", None)
     has_device = torch.cuda.is_available() or bool(mps and mps.is_available())
     return Accelerator(cpu=not has_device)
-
-
-def checkpoints(directory: str | Path) -> list[Path]:
-    """The complete checkpoints in ``directory``, oldest first (a half-written one is never listed)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "history.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def _fingerprint(config: DistillConfig, n_batches: int, n_processes: int) -> dict:
-    """What a checkpoint must agree on to be resumed (JSON-shaped: dict keys become strings)."""
-    settings = asdict(config)
-    settings.pop("eval_every")
-    return json.loads(json.dumps({"config": settings, "batches": n_batches, "processes": n_processes}))
-
-
-def _save_checkpoint(accelerator, directory: Path, step: int, history: History, fingerprint: dict) -> None:
-    """save_state into a hidden folder, then rename it into place and drop the older checkpoints."""
-    partial = directory / f".{CHECKPOINT_PREFIX}{step:06d}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        directory.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {"step": step, "fingerprint": fingerprint, **asdict(history)}
-        (partial / "history.json").write_text(json.dumps(state) + "\n", encoding="utf-8")
-        older = checkpoints(directory)
-        os.rename(partial, directory / f"{CHECKPOINT_PREFIX}{step:06d}")
-        for path in older:
-            shutil.rmtree(path, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _keep_teacher_out_of_checkpoints(accelerator, teacher: nn.Module) -> None:
-    """The teacher is prepared too (so it sits on the right device), but it never changes: do not save it."""
-    def on_save(models, weights, _directory):
-        if len(models) == len(weights):
-            weights[:] = [w for m, w in zip(models, weights, strict=True) if m is not teacher]
-
-    def on_load(models, _directory):
-        models[:] = [m for m in models if m is not teacher]
-
-    accelerator.register_save_state_pre_hook(on_save)
-    accelerator.register_load_state_pre_hook(on_load)
 
 
 def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], config: DistillConfig,
@@ -362,19 +307,13 @@ def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], 
     if accelerator.num_processes > 1:  # each process trains on its own share of the batches
         indices = indices[accelerator.process_index::accelerator.num_processes]
     history = History(name=name)
-    fingerprint = _fingerprint(config, len(batches), accelerator.num_processes)
+    fingerprint = checkpointing.fingerprint(config, len(batches), accelerator.num_processes)
     if checkpoint_dir is not None:
         checkpoint_dir = Path(checkpoint_dir)
         if needs_teacher:
-            _keep_teacher_out_of_checkpoints(accelerator, teacher)
+            checkpointing.leave_out(accelerator, teacher)
     done = 0  # steps already taken (by the run a checkpoint comes from)
-    if resume and (found := checkpoints(checkpoint_dir)):
-        state = json.loads((found[-1] / "history.json").read_text(encoding="utf-8"))
-        if state.pop("fingerprint") != fingerprint:
-            raise ValueError(f"the checkpoint {found[-1]} was written by a run with other settings or batches: "
-                             "resume with the same DistillConfig, batches and number of processes, or give a "
-                             "new checkpoint_dir")
-        accelerator.load_state(str(found[-1]))
+    if resume and (state := checkpointing.load(accelerator, checkpoint_dir, fingerprint)) is not None:
         done = state.pop("step")
         history = History(**state)
 
@@ -430,7 +369,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], 
             run_eval(step)
         if checkpoint_dir is not None and (step == config.steps or (checkpoint_every and step % checkpoint_every == 0)):
             history.seconds = time.time() - start
-            _save_checkpoint(accelerator, checkpoint_dir, step, history, fingerprint)
+            checkpointing.save(accelerator, checkpoint_dir, step, asdict(history), fingerprint)
     bar.close()
     history.seconds = time.time() - start
     run_eval(config.steps)

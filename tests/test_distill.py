@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import padded_batch, tiny_gpt2, tiny_llama
 
-from course_utils import distill, surgery
+from course_utils import checkpointing, distill, surgery
 
 
 def _logits(seed: int, shape=(3, 10, 100)) -> torch.Tensor:
@@ -217,7 +217,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         distill.distill(resumed, teacher, batches, config, progress=False, checkpoint_dir=tmp_path, checkpoint_every=2)
     monkeypatch.undo()
-    assert [p.name for p in distill.checkpoints(tmp_path)] == ["step-000002"]
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path)] == ["step-000002"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no half-written checkpoint left
     assert not list(tmp_path.glob("step-*/model_1*"))  # the teacher is not saved
     fresh = tiny_llama(seed=1)  # a new process: the weights come from the checkpoint, not from memory
@@ -226,7 +226,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, m
     assert history.loss == expected.loss  # bit-identical curve: steps 1-2 from the checkpoint, 3-6 retrained
     for (name, a), b in zip(straight.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert [p.name for p in distill.checkpoints(tmp_path)] == ["step-000006"]  # the end is saved too
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path)] == ["step-000006"]  # the end is saved too
     with pytest.raises(ValueError, match="other settings or batches"):
         distill.distill(tiny_llama(seed=1), teacher, batches, distill.DistillConfig(steps=6, lr=2e-3),
                         progress=False, checkpoint_dir=tmp_path, resume=True)

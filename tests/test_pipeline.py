@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_gpt2, tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel
 
-from course_utils import cli, distill, evaluation, models, pipeline
+from course_utils import checkpointing, cli, distill, evaluation, models, pipeline
 from course_utils.data import load_texts
 
 FAST = dict(calib_samples=8, calib_seq_len=64, eval_tokens=256, train_seq_len=32, train_batch_size=2)
@@ -188,7 +188,7 @@ def test_an_interrupted_recovery_resumes_from_its_checkpoint(tiny_dir, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(request, progress=False, log=lambda *_: None)
     monkeypatch.undo()
-    assert not out.exists() and [p.name for p in distill.checkpoints(request.checkpoints)] == ["step-000002"]
+    assert not out.exists() and [p.name for p in checkpointing.list_checkpoints(request.checkpoints)] == ["step-000002"]
     with pytest.raises(ValueError, match="pass --resume"):
         pipeline.check_request(str(tiny_dir), recipe, out, checkpoint_every=2)
     with pytest.raises(ValueError, match="another model or recipe"):
