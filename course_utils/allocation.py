@@ -39,6 +39,18 @@ def kept_width(width: int, ratio: float, multiple_of: int = 1) -> int:
     return min(width, max(rounded, multiple_of))
 
 
+def width_for_budget(width: int, params: float, n_layers: int, per_neuron: int, multiple_of: int = 1) -> int:
+    """The uniform MLP width that removes about ``params`` parameters over ``n_layers`` layers whose neurons own
+    ``per_neuron`` parameters each (``anatomy.neuron_parameters``), rounded to ``multiple_of``, in [multiple_of, width].
+
+    Lesson 12 uses it to meet one parameter budget by width instead of by whole layers."""
+    check_multiple_of(multiple_of)
+    if params < 0 or n_layers < 1 or per_neuron < 1:
+        raise ValueError(f"need params >= 0, n_layers >= 1 and per_neuron >= 1; got {params}, {n_layers}, {per_neuron}")
+    neurons = params / (n_layers * per_neuron)
+    return min(width, max(multiple_of, int(round((width - neurons) / multiple_of) * multiple_of)))
+
+
 def select_neurons(scores: dict[int, torch.Tensor], ratio: float | dict[int, float], protect: Iterable[int] = (),
                    multiple_of: int = 1) -> dict[int, torch.Tensor]:
     """Sorted indices of the highest-scoring neurons to keep in each layer; protected layers keep all.

@@ -10,12 +10,20 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from . import arch
+from . import arch, projections
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def neuron_parameters(model: nn.Module, index: int) -> int:
+    """Parameters one MLP neuron of layer ``index`` owns: its row (and bias) in each input projection and its
+    column in the output projection. Llama: 3 x hidden (gate row, up row, down column); GPT-2: 2 x hidden + 1."""
+    parts = arch.mlp_parts(model, index)
+    own = sum(projections.in_features(m) + (getattr(m, "bias", None) is not None) for m in parts.inputs)
+    return own + projections.out_features(parts.output)
 
 
 @dataclass

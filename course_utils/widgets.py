@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import allocation, anatomy, arch, bypass, evaluation, hooks, importance, projections
+from . import allocation, anatomy, arch, bypass, evaluation, hooks, importance
 
 METHODS = ("width", "depth", "bypass")
 DEFAULT_PROMPT = "The history of the city begins"
@@ -44,14 +44,6 @@ class Setting:
     @property
     def label(self) -> str:
         return "base" if self.method == "base" else f"{self.method} {self.ratio:.0%}"
-
-
-def neuron_parameters(model: nn.Module, index: int) -> int:
-    """Parameters one MLP neuron of layer ``index`` owns: its row (and bias) in each input projection, its
-    column in the output projection. Llama: 3 x hidden; GPT-2: 2 x hidden + 1."""
-    parts = arch.mlp_parts(model, index)
-    own = sum(projections.in_features(m) + (getattr(m, "bias", None) is not None) for m in parts.inputs)
-    return own + projections.out_features(parts.output)
 
 
 class Explorer:
@@ -95,7 +87,7 @@ class Explorer:
             scores = self.scores(method)
             silenced = {i: s.argsort()[: s.numel() - allocation.kept_width(s.numel(), ratio)]
                         for i, s in scores.items()}
-            removed = sum(len(idx) * neuron_parameters(self.model, i) for i, idx in silenced.items())
+            removed = sum(len(idx) * anatomy.neuron_parameters(self.model, i) for i, idx in silenced.items())
             width = next(iter(scores.values())).numel()
             return silenced, removed, f"{len(silenced[0])} of {width} MLP neurons in every layer"
         n = round(ratio * self.n_layers)

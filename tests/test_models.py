@@ -39,6 +39,24 @@ def test_gpt2_mlp_share():
     assert anatomy.per_layer[0]["mlp"] == 32 * 128 + 128 + 128 * 32 + 32
 
 
+def test_neuron_parameters_is_what_removing_one_neuron_takes(tiny_model):
+    import torch
+
+    from course_utils import allocation, anatomy, arch, surgery
+
+    before = models.count_parameters(tiny_model)
+    width = arch.mlp_parts(tiny_model, 0).width
+    surgery.remove_mlp_neurons(tiny_model, {0: torch.arange(1, width)})
+    assert before - models.count_parameters(tiny_model) == anatomy.neuron_parameters(tiny_model, 0)
+    per_neuron = anatomy.neuron_parameters(tiny_model, 1)
+    kept = allocation.width_for_budget(width, 2 * 5 * per_neuron, 2, per_neuron)
+    assert kept == width - 5  # five neurons in each of two layers
+    assert allocation.width_for_budget(width, 2 * 5 * per_neuron, 2, per_neuron, multiple_of=8) % 8 == 0
+    assert allocation.width_for_budget(width, 10**12, 2, per_neuron) == 1  # never below one neuron
+    with pytest.raises(ValueError):
+        allocation.width_for_budget(width, -1, 2, per_neuron)
+
+
 def test_unknown_role_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model role 'lama'"):
         models.load_model("lama", "offline")
