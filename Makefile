@@ -46,6 +46,7 @@ benchmarks: venv
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/bias.py
 	$(BIN)/python benchmarks/heads.py
+	$(BIN)/python benchmarks/capstone.py
 
 report: venv
 	$(BIN)/python benchmarks/report.py
