@@ -168,18 +168,14 @@ class Explorer:
 
     def show(self, method: str, ratio: float) -> Setting:
         """Measure, print and draw one setting (no widgets needed)."""
-        import matplotlib.pyplot as plt
-
         setting = self.measure(method, ratio)
         print(self.report(setting))
-        plt.show(self.figure(setting))
+        _display(self.figure(setting))
         return setting
 
     def widget(self, method: str = "width", ratio: float = 0.2, max_ratio: float = 0.5):
         """Dropdown + slider + output: each change measures (or recalls) a setting and redraws."""
         import ipywidgets as widgets
-        import matplotlib.pyplot as plt
-        from IPython.display import display
 
         check_method(method)
         choose = widgets.Dropdown(options=list(METHODS), value=method, description="method")
@@ -192,9 +188,7 @@ class Explorer:
                 out.clear_output(wait=True)
                 setting = self.measure(choose.value, slide.value)
                 print(self.report(setting))
-                fig = self.figure(setting)
-                display(fig)
-                plt.close(fig)
+                _display(self.figure(setting))
 
         choose.observe(update, names="value")
         slide.observe(update, names="value")
@@ -211,3 +205,16 @@ def check_method(method: str) -> str:
 @contextmanager
 def _unchanged(model: nn.Module) -> Iterator[nn.Module]:
     yield model
+
+
+def _display(fig) -> None:
+    """Show a figure in a notebook (or an ipywidgets Output) and close it, so it is drawn once."""
+    import matplotlib.pyplot as plt
+
+    try:
+        from IPython.display import display
+    except ImportError:  # plain Python: nothing to draw into
+        pass
+    else:
+        display(fig)
+    plt.close(fig)
