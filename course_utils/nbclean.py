@@ -18,12 +18,15 @@ _FROZEN_BAR = re.compile(r"^[^\n]*\d+%\|[^|\n]*\| *[\d.]+[kMG]?/[\d.]+[kMG]? \[[
 
 
 def is_progress_view(output: dict) -> bool:
-    """True for a progress-bar widget's output, with its widget view or as the frozen text it leaves behind."""
+    """True for a widget's output (a progress bar, the explorer: without the stripped state it cannot render, and
+    its text fallback is a repr), or for the frozen text a progress bar leaves behind."""
     data = output.get("data", {})
-    if output.get("output_type") != "display_data":
+    if output.get("output_type") not in ("display_data", "execute_result"):
         return False
     if WIDGET_VIEW in data:
         return True
+    if output.get("output_type") != "display_data":
+        return False
     text = data.get("text/plain", "")
     text = "".join(text) if isinstance(text, list) else text
     return set(data) == {"text/plain"} and bool(_FROZEN_BAR.match(text.strip()))

@@ -21,8 +21,11 @@ def test_progress_views_go_and_everything_else_stays(tmp_path):
                                    execution_count=1)]
     dropped = [bar("distil:   0%|          | 0/20 [00:00<?, ?it/s]"),
                bar("fine-tune: 100%|##########| 20/20 [01:56<00:00,  5.80s/it]"),
-               bar("anything", widget=True)]
-    cell = nbformat.v4.new_code_cell("train()", outputs=[dropped[0], kept[0], dropped[1], kept[1], dropped[2], kept[2]])
+               bar("anything", widget=True),
+               nbformat.v4.new_output("execute_result", execution_count=2, data={
+                   "text/plain": "VBox(children=(HBox(...", nbclean.WIDGET_VIEW: {"model_id": "abc"}})]
+    cell = nbformat.v4.new_code_cell("train()", outputs=[dropped[0], kept[0], dropped[1], kept[1], dropped[2], kept[2],
+                                                                dropped[3]])
     nb.cells.append(cell)
     path = tmp_path / "nb.ipynb"
     nbformat.write(nb, path)
