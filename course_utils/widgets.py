@@ -37,7 +37,7 @@ class Setting:
     removed: str  # what was taken away, in words
     parameters_removed: int
     share_removed: float  # of the model's parameters
-    ppl: float  # over every held-out document together
+    ppl: float  # over every document together
     ppl_range: tuple[float, float]  # lowest and highest of the documents' perplexities
     text: str  # greedy continuation of the prompt
 
@@ -51,13 +51,13 @@ class Explorer:
 
     def __init__(self, model: nn.Module, tokenizer, calibration: list[dict], documents: list[list[str]],
                  eval_tokens: int = 512, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 16,
-                 width_score: str = "wanda_like"):
+                 width_score: str = "wanda_like", split: str = "held-out"):
         if not documents or not all(isinstance(d, list) and d for d in documents):
-            raise ValueError("documents: a list of held-out documents, each a list of paragraphs "
-                             "(data.load_documents('evaluation'))")
+            raise ValueError("documents: a list of documents to measure on, each a list of paragraphs "
+                             "(data.load_documents('evaluation'), or a validation slice of it)")
         self.model, self.tokenizer, self.calibration, self.documents = model, tokenizer, calibration, documents
         self.eval_tokens, self.prompt, self.max_new_tokens = eval_tokens, prompt, max_new_tokens
-        self.width_score = width_score
+        self.width_score, self.split = width_score, split  # split: what the documents are, for the labels
         self.parameters = anatomy.count_parameters(model)
         self.n_layers = arch.num_layers(model)
         self._scores: dict[str, object] = {}
@@ -129,7 +129,7 @@ class Explorer:
     # -- measuring and showing ------------------------------------------------------------------------
 
     def measure(self, method: str, ratio: float) -> Setting:
-        """PPL on ``eval_tokens`` held-out tokens spread over the documents, and a greedy continuation (cached)."""
+        """PPL on ``eval_tokens`` tokens spread over the documents, and a greedy continuation (cached)."""
         check_method(method)
         key = ("base", 0.0) if ratio == 0 else (method, round(float(ratio), 4))
         if key not in self.measured:
@@ -153,7 +153,7 @@ class Explorer:
                       edgecolor=["black" if s is current else "none" for s in settings], linewidth=2)
         ax.set_xticks(range(len(settings)), [f"{s.label}\n-{s.share_removed:.1%}" for s in settings], fontsize=8)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
-        ax.set_ylabel(f"held-out PPL ({self.eval_tokens} tokens,\n{len(self.documents)} documents)")
+        ax.set_ylabel(f"{self.split} PPL ({self.eval_tokens} tokens,\n{len(self.documents)} documents)")
         ax.set_title("every setting tried (label: method, ratio, share of parameters removed)", fontsize=9)
         fig.tight_layout()
         return fig
@@ -162,7 +162,8 @@ class Explorer:
         base = self.measure("width", 0.0)
         return (f"{setting.label}: {setting.removed}\n"
                 f"parameters removed: {setting.parameters_removed / 1e6:.2f} M ({setting.share_removed:.1%})\n"
-                f"held-out PPL: {setting.ppl:.2f} (documents {setting.ppl_range[0]:.1f} to {setting.ppl_range[1]:.1f}; "
+                f"{self.split} PPL: {setting.ppl:.2f} "
+                f"(documents {setting.ppl_range[0]:.1f} to {setting.ppl_range[1]:.1f}; "
                 f"unpruned {base.ppl:.2f})\n"
                 f"{self.prompt!r} -> {setting.text!r}")
 

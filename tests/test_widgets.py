@@ -61,7 +61,11 @@ def test_measure_caches_and_the_figure_shows_every_setting(explorer):
     assert first.share_removed == pytest.approx(first.parameters_removed / anatomy.count_parameters(explorer.model))
     fig = explorer.figure(first)
     assert len(fig.axes[0].patches) == len(explorer.measured)
-    assert "parameters removed" in explorer.report(first)
+    assert "parameters removed" in explorer.report(first) and "held-out PPL" in explorer.report(first)
+    assert explorer.figure().axes[0].get_ylabel().startswith("held-out PPL")
+    validation = copy.copy(explorer)
+    validation.split = "validation"  # documents named for what they are: lesson 12 explores on validation
+    assert "validation PPL" in validation.report(first) and "held-out" not in validation.report(first)
     low, high = first.ppl_range
     assert low <= first.ppl <= high and low < high  # three documents, three perplexities
 
