@@ -14,14 +14,18 @@ Two more questions, measured rather than asserted:
   seed picks the training windows and their order), as the share of the log-PPL gap each closes.
 
 Run: ``python benchmarks/capstone.py [--steps 20] [--seeds 2] [--eval-tokens 5120]`` (``make benchmarks``);
-a GPU, when present, is used for the model and the training.
+a GPU, when present, is used for the model and the training. ``--only order,recovery`` reruns those parts and
+reads the others from ``results/capstone.json`` (each part's measurement time is kept and printed in the report);
+``--recovery-steps`` gives the KD vs fine-tuning comparison its own, longer, training.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
+import re
 import statistics
 import tempfile
 import time
@@ -32,7 +36,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from report import RESULTS, start_run, write_section  # noqa: E402
+from report import RESULTS, SECTIONS, start_run, write_section  # noqa: E402
 
 from course_utils import arch, data, distill, evaluation, models, pipeline  # noqa: E402
 
@@ -46,8 +50,8 @@ def disk_mb(model) -> float:
 def dequantized(model):
     """A float32 copy whose int8 weights are replaced by their dequantized values (rounded, back in float)."""
     out = copy.deepcopy(model)
-    for module in out.modules():
-        if isinstance(module, torch.nn.Linear) and hasattr(module.weight, "dequantize"):
+    for module in out.modules():  # only the int8 tensors: a plain weight (the tied LM head) keeps its identity
+        if isinstance(module, torch.nn.Linear) and type(module.weight.detach()) is not torch.Tensor:
             module.weight = torch.nn.Parameter(module.weight.dequantize().float(), requires_grad=True)
     out.config.quantization_config = None
     if hasattr(out, "hf_quantizer"):
@@ -55,13 +59,37 @@ def dequantized(model):
     return out
 
 
+PARTS = ("stages", "order", "recovery")
+
+
+def section_stamp() -> str:
+    """When the stored section was measured (its header line), for results stored before per-part stamps."""
+    head = (SECTIONS / "60_capstone.md").read_text(encoding="utf-8")
+    return re.search(r"_Measured (.+?) on ", head).group(1)
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def main() -> None:
     run = start_run(__doc__.split("\n")[0], calib_samples=16,
                     extra=[("--steps", int, 20, "distillation / fine-tuning steps (4 x 128 tokens each)"),
                            ("--seeds", int, 2, "seeds of the KD vs fine-tuning comparison"),
                            ("--runs", int, 5, "timed runs per stage (after one warm-up)"),
-                           ("--lr", float, 2e-4, "peak learning rate")])
+                           ("--lr", float, 2e-4, "peak learning rate"),
+                           ("--recovery-steps", int, 0, "steps of the KD vs fine-tuning comparison (0: --steps)"),
+                           ("--only", str, "", "comma-separated parts to rerun (stages, order, recovery); the "
+                                               "others are read from results/capstone.json")])
     args, base, tokenizer, profile = run.args, run.base, run.tokenizer, run.profile
+    parts = set(args.only.split(",")) if args.only else set(PARTS)
+    if not parts <= set(PARTS):
+        raise SystemExit(f"--only takes a comma-separated subset of {', '.join(PARTS)}; got {args.only!r}")
+    previous = json.loads((RESULTS / "capstone.json").read_text()) if parts != set(PARTS) else {}
+    if previous and "stages" not in parts and previous["steps"] != args.steps:
+        raise SystemExit(f"the stored stages used --steps {previous['steps']}; pass the same to rerun the order")
+    measured = dict(previous.get("measured") or dict.fromkeys(PARTS, section_stamp()))
+    recovery_steps = args.recovery_steps or args.steps
     base.to(profile.device)
     documents = data.load_documents("evaluation", profile)
     per_doc = max(64, args.eval_tokens // len(documents))
@@ -95,47 +123,62 @@ def main() -> None:
         return r
 
     # --- prune first (the course's order) ------------------------------------------------------------
-    t0 = time.time()
-    stages = [row("unpruned", base)]
-    student = copy.deepcopy(base)
-    layers = pipeline.remove_depth(student, depth, run.calibration)
-    stages.append(row(f"pruned: {depth} layers {layers} dropped + refit", student))
-    history = pipeline.recover(student, base, windows(0), recipe, progress=False)
-    stages.append(row(f"+ KD ({args.steps} steps)", student))
-    int8 = pipeline.quantize_int8(student, tokenizer, work / "prune_first")
-    stages.append(row("+ int8 weight-only", int8, flops_of=student))
-    prune_first_s = time.time() - t0
+    if "stages" in parts:
+        t0 = time.time()
+        stages = [row("unpruned", base)]
+        student = copy.deepcopy(base)
+        layers = pipeline.remove_depth(student, depth, run.calibration)
+        stages.append(row(f"pruned: {depth} layers {layers} dropped + refit", student))
+        kd_loss = pipeline.recover(student, base, windows(0), recipe, progress=False).loss
+        stages.append(row(f"+ KD ({args.steps} steps)", student))
+        int8 = pipeline.quantize_int8(student, tokenizer, work / "prune_first")
+        stages.append(row("+ int8 weight-only", int8, flops_of=student))
+        prune_first_s, measured["stages"] = time.time() - t0, now()
+    else:
+        stages, kd_loss, prune_first_s = previous["stages"], previous["kd_loss"], previous["prune_first_s"]
 
     # --- quantize first -----------------------------------------------------------------------------
-    rounded = dequantized(pipeline.quantize_int8(base, tokenizer, work / "base_int8"))
-    q_student = copy.deepcopy(rounded)
-    q_layers = pipeline.remove_depth(q_student, depth, run.calibration)
-    pipeline.recover(q_student, base, windows(0), recipe, progress=False)  # the same teacher: the float original
-    q_final = pipeline.quantize_int8(q_student, tokenizer, work / "quantize_first")
-    order = [row(f"int8 first, then {depth} layers {q_layers} + refit + KD + int8 again", q_final,
-                 flops_of=q_student)]
+    if "order" in parts:
+        rounded = dequantized(pipeline.quantize_int8(base, tokenizer, work / "base_int8"))
+        assert models.count_parameters(rounded) == models.count_parameters(base), "dequantizing untied a weight"
+        assert all(type(p.detach()) is torch.Tensor for p in rounded.parameters()), "an int8 weight was left"
+        q_student = copy.deepcopy(rounded)
+        q_layers = pipeline.remove_depth(q_student, depth, run.calibration)
+        pipeline.recover(q_student, base, windows(0), recipe, progress=False)  # the same teacher: the float original
+        q_final = pipeline.quantize_int8(q_student, tokenizer, work / "quantize_first")
+        order = [row(f"int8 first, then {depth} layers {q_layers} + refit + KD + int8 again", q_final,
+                     flops_of=q_student)]
+        measured["order"] = now()
+    else:
+        order = previous["order"]
 
     # --- KD vs fine-tuning over seeds ------------------------------------------------------------------
-    pruned = copy.deepcopy(base)
-    pipeline.remove_depth(pruned, depth, run.calibration)
-    pruned_ppl = spread(pruned).ppl
-    recovery = {"kd": [], "finetune": []}
-    for seed in range(args.seeds):
-        for method in recovery:
-            m = copy.deepcopy(pruned)
-            pipeline.recover(m, base if method == "kd" else None, windows(seed),
-                             pipeline.Recipe(depth=depth, recover=method, steps=args.steps, lr=args.lr, alpha=0.5,
-                                             temperature=1.0, seed=seed), progress=False)
-            s = spread(m)
-            recovery[method].append(dict(seed=seed, ppl=s.ppl,
-                                         gap=distill.gap_recovered(stages[0]["ppl"], pruned_ppl, s.ppl),
-                                         lastword=evaluation.last_word_accuracy(m, tokenizer, run.items)))
-            print(method, recovery[method][-1], flush=True)
-            del m
+    if "recovery" in parts:
+        pruned = copy.deepcopy(base)
+        pipeline.remove_depth(pruned, depth, run.calibration)
+        pruned_ppl = spread(pruned).ppl
+        recovery = {"kd": [], "finetune": []}
+        for seed in range(args.seeds):
+            for method in recovery:
+                m = copy.deepcopy(pruned)
+                pipeline.recover(m, base if method == "kd" else None, windows(seed),
+                                 pipeline.Recipe(depth=depth, recover=method, steps=recovery_steps, lr=args.lr,
+                                                 alpha=0.5, temperature=1.0, seed=seed), progress=False)
+                s = spread(m)
+                recovery[method].append(dict(seed=seed, ppl=s.ppl,
+                                             gap=distill.gap_recovered(stages[0]["ppl"], pruned_ppl, s.ppl),
+                                             lastword=evaluation.last_word_accuracy(m, tokenizer, run.items)))
+                print(method, recovery[method][-1], flush=True)
+                del m
+        measured["recovery"] = now()
+    else:
+        recovery, pruned_ppl = previous["recovery"], previous["pruned_ppl"]
+        recovery_steps = previous.get("recovery_steps", previous["steps"])
 
     (RESULTS / "capstone.json").write_text(json.dumps(dict(stages=stages, order=order, recovery=recovery,
                                                            pruned_ppl=pruned_ppl, steps=args.steps,
-                                                           kd_loss=history.loss, prune_first_s=prune_first_s),
+                                                           recovery_steps=recovery_steps, kd_loss=kd_loss,
+                                                           prune_first_s=prune_first_s, measured=measured),
                                                       indent=1))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
     for r in stages + order:
@@ -150,7 +193,7 @@ def main() -> None:
         axes[1].scatter([i] * len(runs), [r["gap"] for r in runs], label=method)
     axes[1].set_xticks(range(len(recovery)), list(recovery))
     axes[1].set_ylabel("share of the log-PPL gap closed")
-    axes[1].set_title(f"{args.steps} steps, {args.seeds} seeds", fontsize=9)
+    axes[1].set_title(f"{recovery_steps} steps, {len(recovery['kd'])} seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(RESULTS / "capstone.png", dpi=110)
 
@@ -177,18 +220,19 @@ def main() -> None:
         f"{first['ppl']:.2f} (paired over the {len(documents)} articles: log-PPL {statistics.fmean(diffs):+.3f} "
         f"+/- {se:.3f}). Quantizing first, the refit and the distillation write float weights that have to be "
         f"rounded a second time, and the pruning statistics are measured on the rounded model.\n\n"
-        f"Recovery ({args.steps} steps of 4 x 128 tokens, {args.seeds} seeds): distillation closed "
+        f"Recovery ({recovery_steps} steps of 4 x 128 tokens, {len(recovery['kd'])} seeds): distillation closed "
         f"{kd_mean:.0%} of the log-PPL gap on average (runs {listed(gaps['kd'], '.0%')}), plain fine-tuning "
         f"{ft_mean:.0%} ({listed(gaps['finetune'], '.0%')}); the largest seed-to-seed spread within a method is "
         f"{spread_runs:.0%}. Last-word accuracy after KD: {listed([r['lastword'] for r in recovery['kd']], '.2f')}; "
         f"after fine-tuning: {listed([r['lastword'] for r in recovery['finetune']], '.2f')} (pruned "
         f"{stages[1]['lastword']:.2f}, unpruned {stages[0]['lastword']:.2f}). Target (KD closes at least half the "
         f"gap and beats fine-tuning by more than the seed spread): "
-        + ("met." if met else f"not met at {args.steps} steps; it needs a longer run (a GPU).")
+        + ("met." if met else f"not met at {recovery_steps} steps; it needs a longer run (a GPU).")
     )
     body = (f"Lesson 12's depth-only plan ({depth} of {n_layers} layers) on SmolLM2, on {profile.device}. "
             f"PPL: the first {per_doc} tokens of each of the {len(documents)} held-out articles. "
-            f"{args.lastword_items} last-word items. Clock: batch 1, median of {args.runs} runs.\n\n"
+            f"{args.lastword_items} last-word items. Clock: batch 1, median of {args.runs} runs. Measured: "
+            + "; ".join(f"{part} {measured[part]}" for part in PARTS) + ".\n\n"
             + "\n".join(lines) + f"\n\n{text}\n\n![capstone](capstone.png)\n")
     write_section(60, "capstone", "Capstone: prune, distil, quantize (lesson 12)", body)
 
