@@ -84,6 +84,31 @@ def obs_keep(model: nn.Module, index: int, stats: TokenStats, n_keep: int, chunk
     weights and H^-1 exactly after each removal (Hassibi & Stork 1993; structured, as in ZipLM, Kurtic et
     al. 2023). The kept set pairs with ``refit_output``, which gives the same weights.
     """
+    full, inverse, width = _obs_problem(model, index, stats, hessian_damp)
+    return obs_remove(full, inverse, width, n_keep, chunk)
+
+
+def obs_residuals(model: nn.Module, index: int, stats: TokenStats, n_keeps: Iterable[int], chunk: int = 32,
+                  hessian_damp: float = 1e-3) -> dict[int, float]:
+    """The refit residual of one layer at each kept width in ``n_keeps``, in closed form (no forward pass).
+
+    One OBS run (``obs_keep``) down to the smallest width, stopping at each of the others: removing the set D
+    with the kept columns re-solved costs exactly tr(W_D [H^-1]_DD^-1 W_D^T), so the running sum is
+    min E||W x - W' x_kept||^2, the mean squared error per token that the best refit of the kept neurons (and a
+    bias) leaves in the layer's output (x = (a, 1), H its damped second moment). With ``chunk=1`` the stops
+    do not change the path; with larger chunks a chunk is cut short at a stop. Returns {width: residual}.
+    """
+    full, inverse, width = _obs_problem(model, index, stats, hessian_damp)
+    n_keeps = sorted({int(n) for n in n_keeps})
+    if not n_keeps or n_keeps[0] < 1 or n_keeps[-1] > width:
+        raise ValueError(f"kept widths must lie in [1, {width}]; got {n_keeps}")
+    losses = {width: 0.0}
+    obs_remove(full, inverse, width, n_keeps[0], chunk, stops=n_keeps, losses=losses)
+    return {n: losses[n] for n in n_keeps}
+
+
+def _obs_problem(model: nn.Module, index: int, stats: TokenStats, hessian_damp: float):
+    """(output projection with a bias column (hidden, width + 1), inverse damped Hessian, width) of one layer."""
     check_gram(model, [index], {index: stats}, "OBS selection")
     width = arch.mlp_parts(model, index).width
     moment, mean = stats.second_moment.double().cpu(), (stats.sum / stats.count).double().cpu()
@@ -96,24 +121,35 @@ def obs_keep(model: nn.Module, index: int, stats: TokenStats, n_keep: int, chunk
     bias = out.bias.detach().double().cpu() if out.bias is not None else torch.zeros(weight.shape[0],
                                                                                    dtype=torch.float64)
     full = torch.cat([weight, bias[:, None]], dim=1)  # (hidden, width + 1)
-    return obs_remove(full, torch.linalg.inv(hessian), width, n_keep, chunk)
+    return full, torch.linalg.inv(hessian), width
 
 
-def obs_remove(weight: torch.Tensor, inverse: torch.Tensor, width: int, n_keep: int, chunk: int) -> torch.Tensor:
+def obs_remove(weight: torch.Tensor, inverse: torch.Tensor, width: int, n_keep: int, chunk: int,
+               stops: Iterable[int] = (), losses: dict[int, float] | None = None) -> torch.Tensor:
     """The OBS loop: drop the ``chunk`` cheapest of the first ``width`` columns at a time until ``n_keep`` remain.
 
     ``weight`` (out, width + 1) and ``inverse`` (width + 1, width + 1, the inverse Hessian) are updated in place;
-    the last column (the bias feature) is never removed. Returns the kept indices, sorted.
+    the last column (the bias feature) is never removed. No chunk runs past a width in ``stops``; when ``losses``
+    is a dict, the cumulative output loss is stored in it at each stop (``obs_residuals``). Returns the kept
+    indices, sorted.
     """
     alive = torch.ones(width, dtype=torch.bool)
+    stops = sorted({int(n) for n in stops if n_keep < n < width}, reverse=True) + [n_keep]
+    total = 0.0
     while int(alive.sum()) > n_keep:
+        n_alive = int(alive.sum())
+        target = next(n for n in stops if n < n_alive)
         candidates = alive.nonzero().squeeze(1)
         loss = weight[:, candidates].pow(2).sum(0) / inverse.diagonal()[candidates]
-        drop = candidates[loss.topk(min(chunk, candidates.numel() - n_keep), largest=False).indices]
+        drop = candidates[loss.topk(min(chunk, n_alive - target), largest=False).indices]
         block = torch.linalg.inv(inverse[drop][:, drop])  # (q, q)
+        if losses is not None:
+            total += float(((weight[:, drop] @ block) * weight[:, drop]).sum())
         weight -= weight[:, drop] @ block @ inverse[drop, :]
         inverse -= inverse[:, drop] @ block @ inverse[drop, :]
         alive[drop] = False
+        if losses is not None and n_alive - drop.numel() == target:
+            losses[target] = total
     return alive.nonzero().squeeze(1)
 
 

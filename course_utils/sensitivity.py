@@ -1,10 +1,13 @@
 """Measured damage: what removing a fraction of one layer's MLP neurons costs the whole model.
 
 ``layer_sensitivity`` probes every layer at one ratio, ``damage_curves`` at a grid of ratios (the input
-of ``allocation.allocate_from_curves``). A probe changes no weight: a temporary hook either silences the
-lowest-scoring neurons (replacing them by their mean activation) or, with ``refit``, lets the kept neurons
-compensate exactly as the refit of ``refit.refit_output`` would. Each probe starts at the probed layer:
-the hidden states entering it are carried from layer to layer (``streams``).
+of ``allocation.allocate_from_curves``). ``residual_curves`` is the cheap stand-in: each layer's OBS refit
+residual at every grid ratio, closed-form from its Gram matrix (no forward pass), and ``calibrated_curves``
+scales it to nats with one measured probe per layer instead of one per grid ratio.
+A probe changes no weight: a temporary hook either silences the lowest-scoring neurons (replacing them by
+their mean activation) or, with ``refit``, lets the kept neurons compensate exactly as the refit of
+``refit.refit_output`` would. Each probe starts at the probed layer: the hidden states entering it are
+carried from layer to layer (``streams``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from . import arch, importance, projections, streams
 from .allocation import CURVE_GRID, check_grid, check_ratio, kept_width
 from .data import require_batches
 from .hooks import TokenStats
-from .refit import check_gram, refit_output
+from .refit import check_gram, obs_residuals, refit_output
 
 
 def damage_curves(model: nn.Module, stats: dict[int, TokenStats], calibration: list[dict],
@@ -44,6 +47,45 @@ def layer_sensitivity(model: nn.Module, stats: dict[int, TokenStats], calibratio
     it measures what a layer costs a refitted model: the right yardstick for refit and OBS pruning.
     """
     return _probe_damage(model, stats, calibration, [check_ratio(probe_ratio)], method, refit)[:, 0]
+
+
+def residual_curves(model: nn.Module, stats: dict[int, TokenStats], grid: Iterable[float] = CURVE_GRID,
+                    chunk: int = 32, hessian_damp: float = 1e-3) -> torch.Tensor:
+    """(layers, len(grid)) refit residuals: the mean squared error per token that OBS selection plus the best
+    refit leave in each layer's MLP output when it loses each fraction of ``grid`` (``refit.obs_residuals``).
+
+    Layer-local and in units of the hidden state, not of the loss: the same residual costs different layers
+    different amounts of loss, hence ``calibrated_curves``. Cost: one OBS run per layer, no forward pass.
+    """
+    grid = check_grid(grid)
+    check_gram(model, range(arch.num_layers(model)), stats, "residual curves")
+    curves = torch.zeros(arch.num_layers(model), len(grid))
+    for index in range(arch.num_layers(model)):
+        width = arch.mlp_parts(model, index).width
+        widths = [kept_width(width, ratio) for ratio in grid]
+        residual = obs_residuals(model, index, stats[index], widths, chunk, hessian_damp)
+        curves[index] = torch.tensor([residual[n] for n in widths])
+    return curves
+
+
+def calibrated_curves(model: nn.Module, stats: dict[int, TokenStats], calibration: list[dict],
+                      grid: Iterable[float] = CURVE_GRID, probe_ratio: float = 0.3, chunk: int = 32,
+                      hessian_damp: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Damage curves for ``allocate_from_curves`` from one measured probe per layer: (curves, residuals).
+
+    Each layer's ``residual_curves`` row is scaled so that it passes through the layer's measured, refitted
+    damage at ``probe_ratio`` (``layer_sensitivity(..., refit=True)``, a ratio of ``grid``): the shape of the
+    curve comes from the Gram matrix, its scale in nats from the probe. ``len(grid)`` times fewer probes than
+    ``damage_curves``, which it approximates; a layer whose probe reads no damage gets a flat, free curve.
+    """
+    grid = check_grid(grid)
+    if probe_ratio not in grid:
+        raise ValueError(f"probe_ratio must be one of the grid ratios {grid}; got {probe_ratio!r}")
+    residuals = residual_curves(model, stats, grid, chunk, hessian_damp)
+    measured = layer_sensitivity(model, stats, calibration, probe_ratio, refit=True).double()
+    at_probe = residuals[:, grid.index(probe_ratio)].double()
+    scale = torch.where(at_probe > 0, measured.clamp_min(0) / at_probe.clamp_min(1e-30), torch.zeros_like(at_probe))
+    return (residuals.double() * scale[:, None]).float(), residuals
 
 
 @torch.no_grad()

@@ -497,3 +497,61 @@ def test_damage_curves_are_layer_sensitivity_at_each_grid_ratio():
     torch.testing.assert_close(curves[:, 1], middle)
     with pytest.raises(ValueError, match="increasing"):
         surgery.damage_curves(model, stats, batches, grid=[0.5, 0.2])
+
+
+def _refit_residual_by_lstsq(model: nn.Module, batches: list[dict], keep: torch.Tensor) -> float:
+    """Brute force: layer 0's output-projection inputs on every token, the kept columns and a bias fitted to the
+    original output by least squares on those tokens, and the mean squared error per token that is left."""
+    out = arch.mlp_parts(model, 0).output
+    seen = []
+    handle = out.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().reshape(-1,
+                                                                                              args[0].shape[-1])))
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    handle.remove()
+    acts = torch.cat(seen).double()  # every token is real: the batches have no padding
+    weight = (out.weight.detach() if isinstance(out, nn.Linear) else out.weight.detach().T).double()
+    bias = out.bias.detach().double() if out.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+    target = acts @ weight.T + bias
+    design = torch.cat([acts[:, keep], torch.ones(acts.shape[0], 1, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.lstsq(design, target).solution
+    return float((target - design @ solution).pow(2).sum(1).mean())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_obs_residuals_equal_a_least_squares_refit_on_the_tokens(family):
+    model = tiny_model(family)
+    stats, batches = _stats_with_gram(model)
+    width = arch.mlp_parts(model, 0).width
+    widths = [width * 3 // 4, width // 2, width // 4]
+    residuals = surgery.obs_residuals(model, 0, stats[0], widths, chunk=1, hessian_damp=0.0)
+    assert list(residuals) == sorted(widths)
+    for n_keep in widths:  # with chunk 1 the stops do not change the path: each width is obs_keep's own
+        keep = surgery.obs_keep(model, 0, stats[0], n_keep, chunk=1, hessian_damp=0.0)
+        assert residuals[n_keep] == pytest.approx(_refit_residual_by_lstsq(model, batches, keep), rel=1e-6, abs=1e-9)
+    assert residuals[width // 4] > residuals[width // 2] > residuals[width * 3 // 4] > 0  # fewer neurons, more error
+    chunked = surgery.obs_residuals(model, 0, stats[0], [width // 2], chunk=4, hessian_damp=0.0)
+    keep = surgery.obs_keep(model, 0, stats[0], width // 2, chunk=4, hessian_damp=0.0)  # one stop: obs_keep's path
+    assert chunked[width // 2] == pytest.approx(_refit_residual_by_lstsq(model, batches, keep), rel=1e-6, abs=1e-9)
+    with pytest.raises(ValueError, match="kept widths must lie"):
+        surgery.obs_residuals(model, 0, stats[0], [0, 4])
+
+
+def test_calibrated_curves_pass_through_the_measured_probe():
+    model = tiny_model("llama")
+    stats, batches = _stats_with_gram(model)
+    curves, residuals = surgery.calibrated_curves(model, stats, batches, grid=GRID, probe_ratio=GRID[1])
+    assert curves.shape == residuals.shape == (2, len(GRID))
+    measured = surgery.layer_sensitivity(model, stats, batches, probe_ratio=GRID[1], refit=True)
+    torch.testing.assert_close(curves[:, 1], measured.clamp_min(0))
+    for layer in range(2):  # the shape is the residual's: the same ratios between grid points
+        if measured[layer] > 0:
+            torch.testing.assert_close(curves[layer] / curves[layer, 1], residuals[layer] / residuals[layer, 1])
+    direct = surgery.residual_curves(model, stats, grid=GRID)
+    torch.testing.assert_close(direct, residuals)
+    assert (direct[:, 1:] >= direct[:, :-1]).all()  # residuals grow with the ratio removed
+    allocation = surgery.allocate_from_curves(curves, 0.2, grid=GRID)
+    assert sum(allocation.values()) == pytest.approx(0.2 * 2)
+    with pytest.raises(ValueError, match="probe_ratio must be one of"):
+        surgery.calibrated_curves(model, stats, batches, grid=GRID, probe_ratio=0.33)

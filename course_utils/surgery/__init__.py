@@ -24,8 +24,8 @@ from ..allocation import (
 )
 from ..arch import check_layer_set
 from ..heads import remove_heads
-from ..refit import linear_replacements, obs_keep, refit_after_removal, refit_output, sequential_obs
-from ..sensitivity import damage_curves, layer_sensitivity
+from ..refit import linear_replacements, obs_keep, obs_residuals, refit_after_removal, refit_output, sequential_obs
+from ..sensitivity import calibrated_curves, damage_curves, layer_sensitivity, residual_curves
 from ..streams import layer_inputs
 from .depth import contiguous_runs, drop_layers
 from .width import ALLOCATIONS, SELECTIONS, PruneReport, check_keep, prune_mlp, remove_mlp_neurons
@@ -34,8 +34,8 @@ sync_structure_config = structure.sync  # the name lessons 04-05 knew
 
 __all__ = [
     "ALLOCATIONS", "CURVE_GRID", "SELECTIONS", "PruneReport", "allocate_from_curves", "allocate_ratios",
-    "check_keep", "check_layer_set", "check_ratio", "contiguous_runs", "damage_curves", "drop_layers",
-    "kept_width", "layer_inputs", "layer_sensitivity", "linear_replacements", "obs_keep", "prune_mlp",
-    "refit_after_removal", "refit_output", "remove_heads", "remove_mlp_neurons", "select_neurons", "sequential_obs",
-    "sync_structure_config",
+    "calibrated_curves", "check_keep", "check_layer_set", "check_ratio", "contiguous_runs", "damage_curves",
+    "drop_layers", "kept_width", "layer_inputs", "layer_sensitivity", "linear_replacements", "obs_keep",
+    "obs_residuals", "prune_mlp", "refit_after_removal", "refit_output", "remove_heads", "remove_mlp_neurons",
+    "residual_curves", "select_neurons", "sequential_obs", "sync_structure_config",
 ]
