@@ -13,7 +13,7 @@ Two more questions, measured rather than asserted:
 - **recovery**: distillation against plain fine-tuning at the same steps and tokens, over ``--seeds`` seeds (the
   seed picks the training windows and their order), as the share of the log-PPL gap each closes.
 
-Run: ``python benchmarks/capstone.py [--steps 20] [--seeds 2] [--eval-tokens 5120]`` (``make benchmarks``);
+Run: ``python benchmarks/capstone.py [--steps 40] [--recovery-steps 120] [--seeds 2]`` (``make benchmarks``);
 a GPU, when present, is used for the model and the training. ``--only order,recovery`` reruns those parts and
 reads the others from ``results/capstone.json`` (each part's measurement time is kept and printed in the report);
 ``--recovery-steps`` gives the KD vs fine-tuning comparison its own, longer, training.
@@ -74,11 +74,11 @@ def now() -> str:
 
 def main() -> None:
     run = start_run(__doc__.split("\n")[0], calib_samples=16,
-                    extra=[("--steps", int, 20, "distillation / fine-tuning steps (4 x 128 tokens each)"),
+                    extra=[("--steps", int, 40, "distillation steps of the staged pipeline (4 x 128 tokens each)"),
                            ("--seeds", int, 2, "seeds of the KD vs fine-tuning comparison"),
                            ("--runs", int, 5, "timed runs per stage (after one warm-up)"),
                            ("--lr", float, 2e-4, "peak learning rate"),
-                           ("--recovery-steps", int, 0, "steps of the KD vs fine-tuning comparison (0: --steps)"),
+                           ("--recovery-steps", int, 120, "steps of the KD vs fine-tuning comparison (0: --steps)"),
                            ("--only", str, "", "comma-separated parts to rerun (stages, order, recovery); the "
                                                "others are read from results/capstone.json")])
     args, base, tokenizer, profile = run.args, run.base, run.tokenizer, run.profile
