@@ -70,18 +70,24 @@ def residual_curves(model: nn.Module, stats: dict[int, TokenStats], grid: Iterab
 
 def calibrated_curves(model: nn.Module, stats: dict[int, TokenStats], calibration: list[dict],
                       grid: Iterable[float] = CURVE_GRID, probe_ratio: float = 0.3, chunk: int = 32,
-                      hessian_damp: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+                      hessian_damp: float = 1e-3, residuals: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Damage curves for ``allocate_from_curves`` from one measured probe per layer: (curves, residuals).
 
     Each layer's ``residual_curves`` row is scaled so that it passes through the layer's measured, refitted
     damage at ``probe_ratio`` (``layer_sensitivity(..., refit=True)``, a ratio of ``grid``): the shape of the
     curve comes from the Gram matrix, its scale in nats from the probe. ``len(grid)`` times fewer probes than
     ``damage_curves``, which it approximates; a layer whose probe reads no damage gets a flat, free curve.
+    ``residuals``: the ``residual_curves(model, stats, grid)`` already computed (reused, e.g. across probes).
     """
     grid = check_grid(grid)
     if probe_ratio not in grid:
         raise ValueError(f"probe_ratio must be one of the grid ratios {grid}; got {probe_ratio!r}")
-    residuals = residual_curves(model, stats, grid, chunk, hessian_damp)
+    if residuals is None:
+        residuals = residual_curves(model, stats, grid, chunk, hessian_damp)
+    elif tuple(residuals.shape) != (arch.num_layers(model), len(grid)):
+        raise ValueError(f"residuals must have shape (layers, len(grid)) = ({arch.num_layers(model)}, {len(grid)}), "
+                         f"as residual_curves(model, stats, grid) gives; got {tuple(residuals.shape)}")
     measured = layer_sensitivity(model, stats, calibration, probe_ratio, refit=True).double()
     at_probe = residuals[:, grid.index(probe_ratio)].double()
     scale = torch.where(at_probe > 0, measured.clamp_min(0) / at_probe.clamp_min(1e-30), torch.zeros_like(at_probe))

@@ -555,3 +555,7 @@ def test_calibrated_curves_pass_through_the_measured_probe():
     assert sum(allocation.values()) == pytest.approx(0.2 * 2)
     with pytest.raises(ValueError, match="probe_ratio must be one of"):
         surgery.calibrated_curves(model, stats, batches, grid=GRID, probe_ratio=0.33)
+    reused, _ = surgery.calibrated_curves(model, stats, batches, grid=GRID, probe_ratio=GRID[1], residuals=direct)
+    torch.testing.assert_close(reused, curves)  # precomputed residuals give the same curves
+    with pytest.raises(ValueError, match="residuals must have shape"):
+        surgery.calibrated_curves(model, stats, batches, grid=GRID, probe_ratio=GRID[1], residuals=direct[:, :2])
