@@ -1,23 +1,32 @@
-"""Width-pruning benchmark: every importance method, the course's method and OptiPFair, at 10/20/40 %.
+"""Width-pruning benchmark: every importance method, the course's recipes and OptiPFair, at 10/20/40 %.
 
-For SmolLM2 (offline Llama role) and each ratio of MLP neurons removed: parameters, held-out PPL,
-last-word accuracy, pruning time and (for the course's method and OptiPFair) decode speed vs base.
-OptiPFair (the seeds' author's library) runs side by side on the same model copy, calibration and
-held-out text; its best mode is the calibration-based "hybrid" (``neuron_selection_method="MAW"``
-with a dataloader). The course's method: OBS selection + least-squares refit done layer by layer on the
-pruned model's own activations, towards the unpruned model's layer outputs (``method="obs_sequential"``),
-with per-layer ratios from measured damage curves: each layer's calibration-loss increase when it alone loses
-5 ... 75 % of its neurons (refitted), on a 16 x 256-token probe drawn apart from the fitting batches
-(``surgery.damage_curves``), then the allocation that minimises the summed curves (``surgery.allocate_from_curves``).
-The same selection in one pass over the unpruned model's activations (``method="obs"``) is shown next to it.
-The report states whether its PPL increase is at most half of OptiPFair's at each ratio.
+For SmolLM2 (offline Llama role) and each ratio of MLP neurons removed: parameters, held-out PPL (Wikipedia
+evaluation articles, and the Lee news corpus as a second domain never used for calibration), last-word
+accuracy, the whole pruning time (statistics + allocation + selection + refit) and, for the main rows, decode
+speed vs base. OptiPFair (the seeds' author's library) runs side by side on the same model copy, calibration
+and held-out text; its best mode is the calibration-based "hybrid" (``neuron_selection_method="MAW"`` with a
+dataloader).
 
-Run: ``python benchmarks/width.py [--eval-tokens 16384] [--lastword-items 100]`` (``make benchmarks``).
+The course's recipes differ in where the per-layer ratios come from (``surgery.allocate_from_curves``):
+- exact: damage curves measured at 9 ratios per layer on a 16 x 256-token probe (``surgery.damage_curves``),
+  then OBS selection + least-squares refit layer by layer on the pruned model's own activations
+  (``method="obs_sequential"``), or in one pass over the unpruned model's statistics (``method="obs"``);
+- default (fast): each layer's closed-form refit residual at every ratio (``surgery.residual_curves``, no
+  forward pass) scaled by one refitted probe at 30 % on 4 x 128 tokens (``surgery.calibrated_curves``), on a
+  smaller calibration, then one-pass OBS selection + refit. The sequential variant and a larger calibration
+  are shown next to it, with the cost of every step.
+The report checks the default recipe's targets: PPL increase at most half of OptiPFair's, in domain and on
+news, and prune time at most 2x OptiPFair's, measured in the same run.
+
+Run: ``python benchmarks/width.py [--eval-tokens 16384] [--lastword-items 100]`` (``make benchmarks``, about
+90 min on 2 cores); ``--only fast`` reruns the unpruned row, the fast recipes and OptiPFair (about 30 min) and
+reads the exact recipe and the importance methods from ``results/width.json``.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import time
 
@@ -30,39 +39,113 @@ from report import RESULTS, start_run, write_section  # noqa: E402
 from course_utils import data, evaluation, importance, models, surgery  # noqa: E402
 
 RATIOS = (0.1, 0.2, 0.4)
-COURSE = "course: sequential obs + refit + curve allocation"
-ONE_PASS = "obs + refit + curve allocation (one pass)"
+COURSE = "course exact: sequential obs + refit + measured curves"
+ONE_PASS = "obs + refit + measured curves (one pass)"
 PROBE = dict(n_samples=16, seq_len=256, seed=1)  # the damage-curve probe, drawn apart from the fitting batches
 OPTIPFAIR = "optipfair: hybrid (MAW + calibration)"
+# the fast recipe: Gram statistics on a smaller calibration, residual curves scaled by one refitted probe per layer
+FAST_PROBE = dict(n_samples=4, seq_len=128, seed=1)
+FAST_PROBE_RATIO = 0.3
+FAST_CALIB = "64,256"  # calibration paragraphs of the fast recipe; the first size is the default recipe
+EXACT_METHODS = (COURSE, ONE_PASS, *importance.METHODS)
+
+
+def fast_name(samples: int, method: str, default_samples: int) -> str:
+    """The row label of a fast recipe; the default is one-pass OBS on the first calibration size."""
+    kind = "one pass" if method == "obs" else "sequential"
+    label = "course default" if (samples, method) == (default_samples, "obs") else "course fast"
+    return f"{label}: obs + refit + calibrated curves ({kind}, {samples} x 256 calibration)"
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def main() -> None:
-    run = start_run(__doc__.split("\n")[0], calib_samples=256)
+    run = start_run(__doc__.split("\n")[0], calib_samples=256,
+                    extra=[("--only", str, "", "'fast': rerun the unpruned row, the fast recipes and OptiPFair; "
+                                               "the exact recipe and the importance methods are read from "
+                                               "results/width.json"),
+                           ("--fast-calib", str, FAST_CALIB, "calibration sizes (the first: the default recipe)")])
     args, base, tokenizer = run.args, run.base, run.tokenizer
     texts, items, calibration = run.texts, run.items, run.calibration
+    if args.only not in ("", "fast"):
+        raise SystemExit(f"--only takes 'fast' or nothing; got {args.only!r}")
+    fast_sizes = [int(n) for n in args.fast_calib.split(",")]
+    news = data.load_texts("news", run.profile)
+    stamp = now()
 
-    def measure(model, name, ratio, seconds, speed=False) -> dict:
+    def measure(model, name, ratio, seconds, speed=False, **extra) -> dict:
         row = dict(method=name, ratio=ratio, params=models.count_parameters(model),
                    ppl=evaluation.perplexity(model, tokenizer, texts, max_tokens=args.eval_tokens),
-                   lastword=evaluation.last_word_accuracy(model, tokenizer, items), prune_s=seconds)
+                   news_ppl=evaluation.perplexity(model, tokenizer, news, max_tokens=args.eval_tokens),
+                   lastword=evaluation.last_word_accuracy(model, tokenizer, items), prune_s=seconds,
+                   measured=stamp, **extra)
         if speed:
             row["decode_tok_s"] = evaluation.latency(model, tokenizer, runs=3).decode_tok_s
-        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "steps"}, flush=True)
         return row
 
+    stored = json.loads((RESULTS / "width.json").read_text()) if args.only else {}
     rows = [measure(base, "unpruned", 0.0, 0.0, speed=True)]
+    allocations = dict(stored.get("allocations", {})) if stored else {}
+    if args.only:
+        rows += [r for r in stored["rows"] if r["method"] in EXACT_METHODS]
+    else:
+        rows += exact_rows(base, calibration, tokenizer, run.profile, measure, allocations)
+
+    from optipfair import prune_model
+
+    for samples in fast_sizes:  # the fast recipe, with the cost of each step
+        fit = data.calibration_batches(tokenizer, data.load_texts("calibration", run.profile),
+                                       n_samples=samples, seq_len=256, seed=0)
+        steps = {}
+        start = time.perf_counter()
+        stats = importance.collect_stats(base, fit, gram=True)
+        steps["statistics"] = time.perf_counter() - start
+        start = time.perf_counter()
+        residuals = surgery.residual_curves(base, stats)
+        steps["residual curves"] = time.perf_counter() - start
+        start = time.perf_counter()
+        probe = data.calibration_batches(tokenizer, data.load_texts("calibration", run.profile), **FAST_PROBE)
+        curves, _ = surgery.calibrated_curves(base, stats, probe, probe_ratio=FAST_PROBE_RATIO, residuals=residuals)
+        steps["probe"] = time.perf_counter() - start
+        print(f"fast recipe, {samples} x 256 calibration:", {k: round(v, 1) for k, v in steps.items()}, flush=True)
+        for ratio in RATIOS:
+            allocation = surgery.allocate_from_curves(curves, ratio)
+            allocations[f"{ratio} {samples}"] = list(allocation.values())
+            for method in ("obs", "obs_sequential") if samples == fast_sizes[0] else ("obs",):
+                model = copy.deepcopy(base)
+                start = time.perf_counter()
+                if method == "obs":
+                    surgery.prune_mlp(model, ratio, method="obs", stats=stats, allocation=allocation)
+                else:
+                    surgery.prune_mlp(model, ratio, method="obs_sequential", calibration=fit, allocation=allocation)
+                select_s = time.perf_counter() - start
+                rows.append(measure(model, fast_name(samples, method, fast_sizes[0]), ratio,
+                                    select_s + sum(steps.values()), speed=method == "obs" and samples == fast_sizes[0],
+                                    steps={**steps, "selection + refit": select_s}, samples=samples))
+    for ratio in RATIOS:
+        model = copy.deepcopy(base)  # OptiPFair prunes in place: its own copy
+        start = time.perf_counter()
+        prune_model(model, pruning_type="MLP_GLU", neuron_selection_method="MAW", pruning_percentage=100 * ratio,
+                    dataloader=calibration, show_progress=False)
+        rows.append(measure(model, OPTIPFAIR, ratio, time.perf_counter() - start, speed=True))
+    (RESULTS / "width.json").write_text(json.dumps(dict(rows=rows, allocations=allocations), indent=1))
+    write_section(10, "width", "Width pruning (SmolLM2 MLP neurons)", render(rows, args, allocations))
+
+
+def exact_rows(base, calibration, tokenizer, profile, measure, allocations) -> list[dict]:
+    """Every importance method, and the exact recipe (damage curves measured at every grid ratio)."""
+    rows = []
     start = time.perf_counter()
     stats = importance.collect_stats(base, calibration, gram=True)
     stats_s = time.perf_counter() - start
     start = time.perf_counter()
-    probe = data.calibration_batches(tokenizer, data.load_texts("calibration", run.profile), **PROBE)
+    probe = data.calibration_batches(tokenizer, data.load_texts("calibration", profile), **PROBE)
     curves = surgery.damage_curves(base, stats, probe)
     sensitivity_s = time.perf_counter() - start
     print(f"statistics {stats_s:.0f} s, damage curves {sensitivity_s:.0f} s", flush=True)
-    allocations = {}
-
-    from optipfair import prune_model
-
     for ratio in RATIOS:
         for name, scorer in importance.METHODS.items():
             model = copy.deepcopy(base)
@@ -71,7 +154,8 @@ def main() -> None:
             surgery.remove_mlp_neurons(model, keep)
             seconds = time.perf_counter() - start + (stats_s if scorer.needs_data else 0.0)
             rows.append(measure(model, name, ratio, seconds))
-        allocation = allocations[ratio] = surgery.allocate_from_curves(curves, ratio)
+        allocation = surgery.allocate_from_curves(curves, ratio)
+        allocations[f"{ratio} exact"] = list(allocation.values())
         model = copy.deepcopy(base)
         start = time.perf_counter()
         surgery.prune_mlp(model, ratio, method="obs", stats=stats, allocation=allocation)
@@ -80,55 +164,98 @@ def main() -> None:
         start = time.perf_counter()
         surgery.prune_mlp(model, ratio, method="obs_sequential", calibration=calibration, allocation=allocation)
         rows.append(measure(model, COURSE, ratio, time.perf_counter() - start + stats_s + sensitivity_s, speed=True))
-        model = copy.deepcopy(base)  # OptiPFair prunes in place: its own copy
-        start = time.perf_counter()
-        prune_model(model, pruning_type="MLP_GLU", neuron_selection_method="MAW", pruning_percentage=100 * ratio,
-                    dataloader=calibration, show_progress=False)
-        rows.append(measure(model, OPTIPFAIR, ratio, time.perf_counter() - start, speed=True))
-    (RESULTS / "width.json").write_text(json.dumps(rows, indent=2))
-    write_section(10, "width", "Width pruning (SmolLM2 MLP neurons)", render(rows, args, allocations))
+    return rows
 
 
-def render(rows: list[dict], args, allocations: dict[float, dict[int, float]]) -> str:
-    """Markdown tables, the target check and the PPL-vs-ratio figure."""
+def render(rows: list[dict], args, allocations: dict[str, list[float]]) -> str:
+    """Markdown tables, the two targets (quality and time, in and out of domain) and the PPL-vs-ratio figure."""
     base = rows[0]
-    lines = [f"Budget: {args.eval_tokens:,} held-out tokens per PPL, {args.lastword_items} last-word items, "
-             f"calibration {args.calib_samples} paragraphs x 256 tokens from the calibration articles. "
-             "Decode speed: batch 1, KV cache, median of 3 runs.", "",
-             f"Unpruned: {base['params'] / 1e6:.1f} M params, PPL {base['ppl']:.2f}, last-word "
-             f"{base['lastword']:.3f}, decode {base['decode_tok_s']:.1f} tok/s.", ""]
+
+    def pick(method, ratio):
+        return next((r for r in rows if r["method"] == method and r["ratio"] == ratio), None)
+
+    def cell(value, fmt="{:.2f}"):
+        return "-" if value is None else fmt.format(value)
+
+    default = fast_name(int(args.fast_calib.split(",")[0]), "obs", int(args.fast_calib.split(",")[0]))
+    stamps = sorted({r["measured"] for r in rows})
+    lines = [f"Budget: {args.eval_tokens:,} held-out tokens per PPL (Wikipedia evaluation articles; news: the same "
+             f"number of tokens of the Lee news corpus, never used for calibration), {args.lastword_items} last-word "
+             f"items; OptiPFair and the exact recipe calibrate on {args.calib_samples} paragraphs x 256 tokens "
+             "from the calibration articles. Decode speed: batch 1, KV cache, median of 3 runs.", "",
+             "Rows measured " + " and ".join(stamps) + ": the exact recipe and the importance methods "
+             f"({pick(COURSE, RATIOS[0])['measured']}) are read from the stored results when the script runs with "
+             "`--only fast`; the unpruned model, the fast recipes and OptiPFair always run together, so their "
+             "times compare within one run.", "",
+             "The fast recipe: Gram statistics on the calibration paragraphs, the closed-form refit residual of every "
+             "layer at every grid ratio (`surgery.residual_curves`, one OBS run per layer, no forward pass), each "
+             f"layer's curve scaled to one measured, refitted probe at {FAST_PROBE_RATIO:.0%} on "
+             f"{FAST_PROBE['n_samples']} x {FAST_PROBE['seq_len']} tokens (`surgery.calibrated_curves`), the "
+             "allocation minimising the summed curves, then OBS selection + refit (one pass over the statistics, "
+             "or sequential on the pruned model's activations). The exact recipe measures the damage at all "
+             f"{len(surgery.CURVE_GRID)} grid ratios on {PROBE['n_samples']} x {PROBE['seq_len']} tokens "
+             "(`surgery.damage_curves`).", "",
+             f"Unpruned: {base['params'] / 1e6:.1f} M params, PPL {base['ppl']:.2f}, news PPL {base['news_ppl']:.2f}, "
+             f"last-word {base['lastword']:.3f}, decode {base['decode_tok_s']:.1f} tok/s.", ""]
     for ratio in RATIOS:
         lines += [f"**{ratio:.0%} of MLP neurons removed**", "",
-                  "| method | params (M) | PPL | PPL increase | last-word acc | prune time (s) | decode vs base |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | params (M) | PPL | PPL increase | news PPL | last-word acc | prune time (s) "
+                  "| decode vs base |", "|---|---|---|---|---|---|---|---|"]
         for row in (r for r in rows if r["ratio"] == ratio):
             speed = f"{row['decode_tok_s'] / base['decode_tok_s']:.2f}x" if "decode_tok_s" in row else "-"
             lines.append(f"| {row['method']} | {row['params'] / 1e6:.1f} | {row['ppl']:.2f} | "
-                         f"+{row['ppl'] - base['ppl']:.2f} | {row['lastword']:.3f} | {row['prune_s']:.1f} | {speed} |")
+                         f"+{row['ppl'] - base['ppl']:.2f} | {cell(row.get('news_ppl'))} | {row['lastword']:.3f} | "
+                         f"{row['prune_s']:.1f} | {speed} |")
         lines.append("")
-    lines += ["**Target: the course's PPL increase at most half of OptiPFair's hybrid**", "",
-              "| ratio | course increase | OptiPFair increase | ratio of increases | met |", "|---|---|---|---|---|"]
+    lines += ["**Targets: the default recipe's PPL increase at most half of OptiPFair's hybrid, in domain and on news, "
+              "and its whole prune time at most 2x OptiPFair's (same run)**", "",
+              "| ratio | default increase | OptiPFair increase | ratio | news: default | news: OptiPFair | ratio "
+              "| default time (s) | OptiPFair time (s) | time ratio | exact recipe: ratio of increases | met |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for ratio in RATIOS:
-        ours = next(r for r in rows if r["ratio"] == ratio and r["method"] == COURSE)["ppl"] - base["ppl"]
-        theirs = next(r for r in rows if r["ratio"] == ratio and r["method"] == OPTIPFAIR)["ppl"] - base["ppl"]
-        lines.append(f"| {ratio:.0%} | +{ours:.2f} | +{theirs:.2f} | {ours / theirs:.2f} | "
-                     f"{'yes' if ours <= theirs / 2 else 'no'} |")
-    lines += ["", "Allocation: per-layer ratios from damage curves measured on a "
-              f"{PROBE['n_samples']} x {PROBE['seq_len']}-token probe (`surgery.damage_curves`, "
-              "`surgery.allocate_from_curves`), in % of each layer's neurons, layers 0-29:", ""]
-    lines += [f"- {ratio:.0%}: " + " ".join(f"{100 * r:.0f}" for r in allocations[ratio].values()) for ratio in RATIOS]
+        ours, theirs, exact = pick(default, ratio), pick(OPTIPFAIR, ratio), pick(COURSE, ratio)
+        up = ours["ppl"] - base["ppl"], theirs["ppl"] - base["ppl"]
+        news = ours["news_ppl"] - base["news_ppl"], theirs["news_ppl"] - base["news_ppl"]
+        times = ours["prune_s"], theirs["prune_s"]
+        met = up[0] <= up[1] / 2 and news[0] <= news[1] / 2 and times[0] <= 2 * times[1]
+        lines.append(f"| {ratio:.0%} | +{up[0]:.2f} | +{up[1]:.2f} | {up[0] / up[1]:.2f} | +{news[0]:.2f} | "
+                     f"+{news[1]:.2f} | {news[0] / news[1]:.2f} | {times[0]:.0f} | {times[1]:.0f} | "
+                     f"{times[0] / times[1]:.2f} | {(exact['ppl'] - base['ppl']) / up[1]:.2f} | "
+                     f"{'yes' if met else 'no'} |")
+    lines += ["", "**What each step of the fast recipe costs** (seconds, this run; selection + refit averaged over "
+              "the three ratios)", "",
+              "| recipe | statistics | residual curves | probe | selection + refit | total at 20 % |",
+              "|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["method"] for r in rows if "steps" in r):
+        chosen = [r for r in rows if r["method"] == name]
+        steps = chosen[0]["steps"]
+        select = sum(r["steps"]["selection + refit"] for r in chosen) / len(chosen)
+        lines.append(f"| {name} | {steps['statistics']:.0f} | {steps['residual curves']:.0f} | {steps['probe']:.0f} "
+                     f"| {select:.0f} | {pick(name, 0.2)['prune_s']:.0f} |")
+    lines += ["", "How they scale (L layers, width d of the MLP, N calibration tokens, P probe tokens): "
+              "the statistics are one forward pass over N tokens plus an N x d x d Gram update per layer; the "
+              "residual curves are one OBS elimination per layer (L d^3 / chunk, independent of N); the probe runs "
+              "the layers from l on for every layer l (about L^2 / 2 layer passes over P tokens); one-pass selection "
+              "+ refit is again L OBS eliminations and L d x d solves (independent of N); the sequential one adds a "
+              "forward pass over N tokens per layer. The exact recipe's damage curves are the probe times the "
+              f"{len(surgery.CURVE_GRID)} grid ratios on a 16 x 256 probe.", "",
+              "Allocation: per-layer ratios in % of each layer's neurons, layers 0-29:", ""]
+    for key, values in allocations.items():
+        ratio, source = key.split()
+        source = "measured curves" if source == "exact" else f"calibrated curves, {source} x 256 calibration"
+        lines.append(f"- {float(ratio):.0%}, {source}: " + " ".join(f"{100 * r:.0f}" for r in values))
     lines += ["", "![PPL vs ratio](width_ppl_vs_ratio.png)"]
     fig, ax = plt.subplots(figsize=(7, 4))
     for method in dict.fromkeys(r["method"] for r in rows[1:]):
         points = [(r["ratio"], r["ppl"]) for r in rows if r["method"] == method]
         ax.plot(*zip(*points, strict=True), marker="o", label=method,
-                lw=2.5 if method in (COURSE, OPTIPFAIR) else 1)
+                lw=2.5 if method in (COURSE, OPTIPFAIR, default) else 1)
     ax.axhline(base["ppl"], color="black", ls="--", lw=1, label="unpruned")
     ax.set_yscale("log")
     ax.set_xlabel("fraction of MLP neurons removed")
     ax.set_ylabel("held-out PPL (log)")
     ax.set_title("SmolLM2-135M width pruning")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(RESULTS / "width_ppl_vs_ratio.png", dpi=90)
     return "\n".join(lines)
