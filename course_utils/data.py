@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import weakref
 from functools import lru_cache
 from pathlib import Path
 
@@ -173,12 +174,30 @@ def calibration_batches(tokenizer, texts: list[str], n_samples: int = 64, seq_le
     return batches
 
 
+_STREAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {joined text: ids}
+_STREAMS_PER_TOKENIZER = 8
+
+
 def token_stream(tokenizer, texts: list[str], max_tokens: int | None = None) -> torch.Tensor:
-    """The evaluation token stream: texts joined by blank lines, no special tokens, cut to ``max_tokens``."""
+    """The evaluation token stream: texts joined by blank lines, no special tokens, cut to ``max_tokens``.
+
+    The last few streams of each tokenizer are remembered: a lesson that evaluates twenty variants on the
+    same held-out text tokenizes it once (about 0.3 s per call for the offline split on one core).
+    """
     if not texts or not any(t.strip() for t in texts):
         raise ValueError("texts is empty: pass a non-empty list of strings (e.g. data.load_texts('evaluation'))")
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    return ids[:max_tokens] if max_tokens else ids
+    joined = "\n\n".join(texts)
+    try:
+        seen = _STREAMS.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no memory
+        seen = {}
+    ids = seen.get(joined)
+    if ids is None:
+        ids = tokenizer(joined, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        if len(seen) >= _STREAMS_PER_TOKENIZER:
+            seen.pop(next(iter(seen)))
+        seen[joined] = ids
+    return (ids[:max_tokens] if max_tokens else ids).clone()  # a copy: callers may change theirs
 
 
 

@@ -94,3 +94,15 @@ def test_load_documents_are_the_held_out_articles_in_order():
     assert [p for doc in documents for p in doc] == data.load_texts("evaluation", "offline")
     with pytest.raises(ValueError, match="documents exist"):
         data.load_documents("news", "offline")
+
+
+def test_token_stream_remembers_a_stream_and_hands_out_copies():
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    texts = data.load_texts("evaluation")[:20]
+    direct = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    first = data.token_stream(tokenizer, texts, max_tokens=300)
+    assert torch.equal(first, direct[:300])
+    first.zero_()  # a caller changing its copy must not change the next caller's stream
+    assert torch.equal(data.token_stream(tokenizer, texts), direct)
+    five = tokenizer("\n\n".join(texts[:5]), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    assert torch.equal(data.token_stream(tokenizer, texts[:5]), five)
