@@ -328,12 +328,19 @@ class Latency:
     prompt_tokens: int
     new_tokens: int
     runs: int
+    prefill_ms_range: tuple[float, float] = (float("nan"), float("nan"))  # (fastest, slowest) run
+    decode_tok_s_range: tuple[float, float] = (float("nan"), float("nan"))  # (slowest, fastest) run
+
+    def __str__(self) -> str:
+        return (f"prefill {self.prefill_ms:.0f} ms ({self.prefill_ms_range[0]:.0f}-{self.prefill_ms_range[1]:.0f}), "
+                f"decode {self.decode_tok_s:.1f} tok/s ({self.decode_tok_s_range[0]:.1f}-"
+                f"{self.decode_tok_s_range[1]:.1f}); median and range of {self.runs} runs")
 
 
 @torch.no_grad()
 def latency(model: nn.Module, tokenizer=None, prompt_tokens: int = 128, new_tokens: int = 32,
             runs: int = 5, warmup: int = 1) -> Latency:
-    """Prefill time and KV-cache decode speed (median of ``runs`` after ``warmup`` runs)."""
+    """Prefill time and KV-cache decode speed (median and range of ``runs`` after ``warmup`` runs)."""
     from transformers import DynamicCache
 
     device = _device_of(model)
@@ -363,7 +370,9 @@ def latency(model: nn.Module, tokenizer=None, prompt_tokens: int = 128, new_toke
             prefill.append(t1 - t0)
             decode.append(new_tokens / (t2 - t1))
     return Latency(prefill_ms=1000 * statistics.median(prefill), decode_tok_s=statistics.median(decode),
-                   prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs)
+                   prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
+                   prefill_ms_range=(1000 * min(prefill), 1000 * max(prefill)),
+                   decode_tok_s_range=(min(decode), max(decode)))
 
 
 @dataclass

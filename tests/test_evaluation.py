@@ -87,9 +87,14 @@ def test_last_word_accuracy_counts_greedy_matches():
         evaluation.last_word_accuracy(Oracle(), tok, [])
 
 
-def test_latency_reports_positive_medians():
-    timing = evaluation.latency(tiny_gpt2(), prompt_tokens=8, new_tokens=4, runs=2)
-    assert timing.prefill_ms > 0 and timing.decode_tok_s > 0 and timing.runs == 2
+def test_latency_reports_positive_medians_inside_their_range():
+    timing = evaluation.latency(tiny_gpt2(), prompt_tokens=8, new_tokens=4, runs=3)
+    assert timing.prefill_ms > 0 and timing.decode_tok_s > 0 and timing.runs == 3
+    low, high = timing.prefill_ms_range
+    assert 0 < low <= timing.prefill_ms <= high
+    low, high = timing.decode_tok_s_range
+    assert 0 < low <= timing.decode_tok_s <= high
+    assert "median and range of 3 runs" in str(timing)
 
 
 def test_markdown_table_ratios():
