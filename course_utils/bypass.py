@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -161,6 +162,26 @@ def skipping(model: nn.Module, layers: Iterable[int]) -> Iterator[nn.Module]:
 # ---------------------------------------------------------------------------------------------
 # Adaptive bypass: the prompt decides
 # ---------------------------------------------------------------------------------------------
+
+PROMPT_LENGTHS = (8, 16, 32, 64, 128)  # prompt lengths in words: from a short question to a paragraph
+
+
+def cut_prompts(paragraphs: list[str], n: int, seed: int,
+                lengths: Iterable[int] = PROMPT_LENGTHS) -> list[tuple[str, str]]:
+    """``n`` (prompt, rest) pairs of varied complexity: seeded paragraphs cut after a seeded number of words.
+
+    ``rest`` starts with a space, so prompt + rest is the paragraph's text (whitespace normalised).
+    """
+    lengths = tuple(lengths)
+    if not 0 < n <= len(paragraphs):
+        raise ValueError(f"n must be in [1, {len(paragraphs)}] (the number of paragraphs given); got {n}")
+    rng = random.Random(seed)
+    pairs = []
+    for paragraph in rng.sample(paragraphs, n):
+        words, k = paragraph.split(), rng.choice(lengths)
+        pairs.append((" ".join(words[:k]), " " + " ".join(words[k:])))
+    return pairs
+
 
 @dataclass
 class PromptFeatures:

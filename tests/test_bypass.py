@@ -234,3 +234,42 @@ def test_router_records_the_model_name_and_accepts_a_grid_without_zero():
                                              tolerance=-1.0, model_name="tiny/llama")
     assert router.calibration.model == "tiny/llama"
     assert router.calibration.skip_per_band == [0, 0, 0]  # nothing within a negative tolerance: skip nothing
+
+
+def test_cut_prompts_is_seeded_and_keeps_the_text():
+    paragraphs = [" ".join(f"w{i}_{j}" for j in range(200)) for i in range(10)]
+    pairs = bypass.cut_prompts(paragraphs, 6, seed=3)
+    assert pairs == bypass.cut_prompts(paragraphs, 6, seed=3) != bypass.cut_prompts(paragraphs, 6, seed=4)
+    for prompt, rest in pairs:
+        assert len(prompt.split()) in bypass.PROMPT_LENGTHS and (prompt + rest) in paragraphs
+    with pytest.raises(ValueError, match="n must be in"):
+        bypass.cut_prompts(paragraphs, 11, seed=0)
+
+
+def test_shipped_router_calibration_is_smollm2s(smollm2):
+    """Lesson 06 loads data/adaptive_bypass_smollm2.json instead of recalibrating (a minute of forward passes):
+    recompute its features, thresholds and bands exactly, and one band's loss increases at two skip counts."""
+    from pathlib import Path
+
+    from course_utils import data, evaluation
+
+    model, tokenizer = smollm2
+    shipped = bypass.RouterCalibration.load(Path(bypass.__file__).resolve().parent.parent / "data"
+                                            / "adaptive_bypass_smollm2.json")
+    long_paragraphs = [p for p in data.load_texts("calibration", "offline") if len(p.split()) >= 170]
+    prompts = [prompt for prompt, _ in bypass.cut_prompts(long_paragraphs, 36, seed=0)]
+    encoded = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p in prompts]
+    feats = [bypass.prompt_features(model, ids) for ids in encoded]
+    raw = torch.tensor([[torch.tensor(f.n_tokens).log().item(), torch.tensor(f.embedding_variance).log().item()]
+                        for f in feats])
+    assert torch.allclose(raw.mean(0), torch.tensor(shipped.feature_mean), rtol=1e-5)
+    assert torch.allclose(raw.std(0), torch.tensor(shipped.feature_std), rtol=1e-5)
+    router = bypass.AdaptiveBypass(model, shipped)
+    bands = [router.band(f) for f in feats]
+    assert [bands.count(b) for b in range(3)] == [12, 12, 12]
+    batch = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids, b in zip(encoded, bands, strict=True)
+             if b == 1]
+    base = evaluation.calibration_loss(model, batch)
+    for k in (4, 8):
+        with bypass.skipping(model, shipped.order[:k]):
+            assert abs(evaluation.calibration_loss(model, batch) - base - shipped.measured["1"][str(k)]) < 2e-4
