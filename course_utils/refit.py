@@ -22,7 +22,7 @@ from torch import nn
 
 from . import arch, hooks, projections, streams
 from .allocation import check_multiple_of, kept_width, per_layer_ratios
-from .data import require_batches, to_device
+from .data import require_batches
 from .hooks import TokenStats
 
 
@@ -250,7 +250,7 @@ def linear_replacements(model: nn.Module, runs: list[tuple[int, int]], calibrati
     with hooks.removing(handles):
         for batch in calibration:
             mask["m"] = batch.get("attention_mask")
-            model(**to_device(batch, model), use_cache=False)
+            hooks.feed(model, batch)
             count += int(mask["m"].sum()) if mask["m"] is not None else batch["input_ids"].numel()
     maps = {}
     eye = torch.eye(hidden, dtype=torch.float64)

@@ -68,7 +68,7 @@ def input_norms(model: nn.Module, calibration: list[dict]) -> dict[str, torch.Te
         for batch in calibration:
             batch = to_device(batch, model)
             mask[:] = [batch.get("attention_mask", torch.ones_like(batch["input_ids"])).float()]
-            model(**batch, use_cache=False)
+            hooks.feed(model, batch)
     finally:
         for handle in handles:
             handle.remove()

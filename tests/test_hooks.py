@@ -104,3 +104,24 @@ def test_gram_matches_float64_brute_force():
     assert stats.gram.dtype == torch.float64 and stats.count == 3000
     assert torch.allclose(stats.gram, exact, rtol=1e-5, atol=1e-3 * float(exact.diagonal().mean()) * 1e-3)
     assert torch.allclose(stats.second_moment, exact / 3000, rtol=1e-5, atol=1e-3)
+
+
+def test_feed_gives_the_hooks_what_a_full_forward_gives(tiny_model):
+    """hooks.feed skips the LM head on all but the last position; every tapped activation is unchanged."""
+    batch = padded_batch()
+    with hooks.capture_layer_io(tiny_model, keep=True) as fed:
+        fed.run(tiny_model, [batch])
+    with hooks.capture_mlp_activations(tiny_model, gram=True) as fed_mlp:
+        fed_mlp.run(tiny_model, [batch])
+    with hooks.capture_layer_io(tiny_model, keep=True) as full, \
+            hooks.capture_mlp_activations(tiny_model, gram=True) as full_mlp, torch.no_grad():
+        full.set_mask(batch["attention_mask"])
+        full_mlp.set_mask(batch["attention_mask"])
+        logits = tiny_model(**batch).logits
+    assert logits.shape[1] == batch["input_ids"].shape[1]  # the reference pass did run the head everywhere
+    for i in full.raw:
+        for a, b in zip(fed.raw[i][0], full.raw[i][0], strict=True):
+            assert torch.equal(a, b)
+    for i in full_mlp.stats:
+        assert torch.equal(fed_mlp.stats[i].gram, full_mlp.stats[i].gram)
+        assert fed_mlp.stats[i].count == full_mlp.stats[i].count == int(batch["attention_mask"].sum())

@@ -42,7 +42,7 @@ def attention_importance(model: nn.Module, calibration: list[dict]) -> torch.Ten
         for batch in calibration:
             attn_tap.set_mask(batch.get("attention_mask"))
             layer_tap.set_mask(batch.get("attention_mask"))
-            model(**to_device(batch, model), use_cache=False)
+            hooks.feed(model, batch)
     return (total / count.clamp_min(1)).float()
 
 
@@ -116,7 +116,7 @@ def _output_norm(model: nn.Module, layers: list[int], calibration: list[dict], o
             m = batch.get("attention_mask")
             mask[:] = [m if m is not None else torch.ones_like(batch["input_ids"])]
             count += float(mask[0].sum())
-            model(**batch, use_cache=False)
+            hooks.feed(model, batch)
     finally:
         for handle in handles:
             handle.remove()
