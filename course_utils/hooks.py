@@ -7,12 +7,14 @@ Three taps, all built on the same ``_Tap`` machinery:
 - ``capture_attention_outputs``: what self-attention adds to the residual stream (bypass).
 
 Before each forward pass call ``tap.set_mask(attention_mask)`` (``tap.run(model, batches)`` does
-it for you): the hooks keep only real-token positions, so padding never enters a statistic.
+it for you, through ``feed``: no KV cache, and the LM head on the last position only): the hooks keep
+only real-token positions, so padding never enters a statistic.
 Hooks are removed on exit, even if the body raises.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,8 +47,6 @@ def feed(model: nn.Module, batch: dict) -> None:
 
 
 def _takes_logits_to_keep(model: nn.Module) -> bool:
-    import inspect
-
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
