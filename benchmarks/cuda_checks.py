@@ -1,0 +1,182 @@
+"""What only a CUDA GPU can show: 2:4 sparse kernels and 4-bit weight-only quantization, measured.
+
+Run on a machine with an NVIDIA GPU (``benchmarks/cuda_run.sh`` runs it with the notebooks there):
+``python benchmarks/cuda_checks.py --out results/logs/cuda_checks.json``. Each part is independent: a part that
+fails (a kernel missing from this build of torch or torchao) is recorded with its error and the others still run.
+
+1. **2:4 matrix kernels**: ``torch.sparse.to_sparse_semi_structured`` against the dense product, half precision,
+   for the projection shapes of SmolLM2-135M, Llama-3.2-1B and Llama-3-8B at several token counts (CUDA events,
+   median of ``--iters`` after a warm-up), both of torch's backends (cuSPARSELt, CUTLASS) where present.
+2. **2:4 in the model**: SmolLM2 in float16 with lesson 11's magnitude 2:4 masks on every decoder projection;
+   the masked dense model against the same weights stored semi-structured: largest logit difference, prefill of
+   ``8 x 512`` tokens and batch-1 decode speed.
+3. **Weight-only quantization on the GPU**: SmolLM2 in bfloat16, int8 (torchao ``Int8WeightOnlyConfig``) and int4
+   (``Int4WeightOnlyConfig``, tinygemm's tile-packed layout): weight bytes, held-out PPL over the ten held-out
+   articles and batch-1 decode speed (the regime weight-only quantization is for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from course_utils import data, evaluation, models, sparsity
+from course_utils.profiles import setup
+
+SHAPES = {  # (out_features, in_features) of the MLP projections; gate/up and down
+    "SmolLM2-135M": [(1536, 576), (576, 1536)],
+    "Llama-3.2-1B": [(8192, 2048), (2048, 8192)],
+    "Llama-3-8B": [(14336, 4096), (4096, 14336)],
+}
+TOKENS = (16, 128, 2048, 8192)
+
+
+def cuda_ms(fn, iters: int) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` calls, timed with CUDA events after 5 warm-up calls."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def two_four(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` with the two smallest-magnitude of every four consecutive inputs set to zero."""
+    return weight * sparsity.nm_mask(weight.abs(), 2, 4).to(weight.dtype)
+
+
+def kernels(iters: int) -> list[dict]:
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    rows = []
+    backends = ["cusparselt", "cutlass"]
+    for model_name, shapes in SHAPES.items():
+        for out_f, in_f in shapes:
+            weight = two_four(torch.randn(out_f, in_f, device="cuda", dtype=torch.float16))
+            for backend in backends:
+                SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"  # noqa: SLF001 - torch's documented switch
+                try:
+                    sparse = to_sparse_semi_structured(weight)
+                except Exception as exc:  # noqa: BLE001 - a backend missing from this build is a result
+                    rows.append(dict(model=model_name, shape=[out_f, in_f], backend=backend, error=repr(exc)[:300]))
+                    continue
+                for tokens in TOKENS:
+                    x = torch.randn(tokens, in_f, device="cuda", dtype=torch.float16)
+                    try:
+                        dense_ms = cuda_ms(lambda: torch.nn.functional.linear(x, weight), iters)
+                        sparse_ms = cuda_ms(lambda: torch.nn.functional.linear(x, sparse), iters)
+                        max_err = (torch.nn.functional.linear(x, weight) - torch.nn.functional.linear(x, sparse)
+                                   ).abs().max().item()
+                        rows.append(dict(model=model_name, shape=[out_f, in_f], backend=backend, tokens=tokens,
+                                         dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms,
+                                         max_abs_diff=max_err))
+                    except Exception as exc:  # noqa: BLE001
+                        rows.append(dict(model=model_name, shape=[out_f, in_f], backend=backend, tokens=tokens,
+                                         error=repr(exc)[:300]))
+                print(rows[-1], flush=True)
+    SparseSemiStructuredTensor._FORCE_CUTLASS = False  # noqa: SLF001
+    return rows
+
+
+def decode_tok_s(model, new_tokens: int = 64) -> float:
+    return evaluation.latency(model, prompt_tokens=128, new_tokens=new_tokens, runs=5, warmup=2).decode_tok_s
+
+
+def model_two_four(base, iters: int) -> dict:
+    from torch.sparse import to_sparse_semi_structured
+
+    dense = copy.deepcopy(base).half().cuda()
+    for module in sparsity.linear_layers(dense).values():
+        module.weight.data = two_four(module.weight.data)
+    sparse = copy.deepcopy(dense)
+    for module in sparsity.linear_layers(sparse).values():
+        module.weight = torch.nn.Parameter(to_sparse_semi_structured(module.weight.data), requires_grad=False)
+    ids = torch.randint(1000, 40000, (8, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        diff = (dense(ids).logits.float() - sparse(ids).logits.float()).abs().max().item()
+        dense_ms = cuda_ms(lambda: dense(ids, use_cache=False), iters)
+        sparse_ms = cuda_ms(lambda: sparse(ids, use_cache=False), iters)
+    return dict(sparsity=sparsity.sparsity_of(dense), max_logit_diff=diff, prefill_8x512_dense_ms=dense_ms,
+                prefill_8x512_sparse_ms=sparse_ms, prefill_speedup=dense_ms / sparse_ms,
+                decode_tok_s_dense=decode_tok_s(dense), decode_tok_s_sparse=decode_tok_s(sparse))
+
+
+def weight_bytes(model) -> int:
+    """Bytes held by the decoder projections' weights (quantized tensors count their packed data and scales)."""
+    total = 0
+    for module in sparsity.linear_layers(model).values():
+        w = module.weight
+        inner = [getattr(w, name) for name in getattr(w, "__tensor_flatten__", lambda: ([], None))()[0]]
+        total += sum(t.numel() * t.element_size() for t in inner) if inner else w.numel() * w.element_size()
+    return total
+
+
+def quantization(base, tokenizer, profile) -> list[dict]:
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    documents = data.load_documents("evaluation", profile)
+    configs = [("bf16", None), ("int8 weight-only", Int8WeightOnlyConfig()),
+               ("int4 weight-only, group 64 (tinygemm)",
+                Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d")),
+               ("int4 weight-only, group 64 (plain)", Int4WeightOnlyConfig(group_size=64))]
+    rows = []
+    for name, config in configs:
+        t0 = time.time()
+        try:
+            model = copy.deepcopy(base).to(device="cuda", dtype=torch.bfloat16)
+            if config is not None:
+                quantize_(model, config,
+                          filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+            spread = evaluation.perplexity_spread(model, tokenizer, documents, tokens_per_document=1024)
+            rows.append(dict(config=name, projection_weight_mb=weight_bytes(model) / 1e6, ppl=spread.ppl,
+                             ppl_low=min(spread.per_document), ppl_high=max(spread.per_document),
+                             decode_tok_s=decode_tok_s(model), seconds=time.time() - t0))
+        except Exception as exc:  # noqa: BLE001
+            rows.append(dict(config=name, error=repr(exc)[:300], trace=traceback.format_exc()[-1500:]))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="results/logs/cuda_checks.json")
+    parser.add_argument("--iters", type=int, default=50)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("cuda_checks.py measures CUDA kernels: run it on a machine with an NVIDIA GPU")
+    profile = setup("offline", verbose=False)
+    result = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), gpu=torch.cuda.get_device_name(0),
+                  torch=torch.__version__, python=platform.python_version())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base, tokenizer = models.load_model("llama", profile)
+    base = base.cpu()
+    for part, run in (("kernels", lambda: kernels(args.iters)), ("model_2_4", lambda: model_two_four(base, 20)),
+                      ("quantization", lambda: quantization(base, tokenizer, profile))):
+        t0 = time.time()
+        try:
+            result[part] = run()
+        except Exception as exc:  # noqa: BLE001
+            result[part] = dict(error=repr(exc)[:300], trace=traceback.format_exc()[-2000:])
+        result[f"{part}_seconds"] = time.time() - t0
+        out.write_text(json.dumps(result, indent=1))
+        print(part, f"{time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
