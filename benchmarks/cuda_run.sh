@@ -45,7 +45,7 @@ nproc >> "$OUT/gpu.txt"
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
-timeout $(( $(left) / 3 )) $PY benchmarks/cuda_checks.py --out "$OUT/cuda_checks.json" 2>&1 | tee "$OUT/cuda_checks.log"
+timeout $(( $(left) / 2 )) $PY benchmarks/cuda_checks.py --out "$OUT/cuda_checks.json" 2>&1 | tee "$OUT/cuda_checks.log"
 
 # Every notebook, heaviest first, eight workers of two threads each (the machine's 16 cores), one GPU shared.
 mapfile -t NOTEBOOKS < <(ls notebooks/[0-9][0-9]_*.ipynb notebooks/solutions/*.ipynb | sort -r)

@@ -301,8 +301,9 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 30)
 def forward_flops(model: nn.Module, tokens: int = 128) -> int:
     """FLOPs of one forward pass over ``tokens`` random tokens (batch 1), attention scores included.
 
-    ``torch.utils.flop_counter.FlopCounterMode`` does not see the fused attention kernel transformers uses by
-    default (SDPA), so the count is taken with eager attention and the model's own setting is restored.
+    On a CPU ``torch.utils.flop_counter.FlopCounterMode`` does not see the fused attention kernel transformers uses
+    by default (SDPA; on CUDA it counts SDPA's kernels), so the count is taken with eager attention, the same on
+    every device, and the model's own setting is restored.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
