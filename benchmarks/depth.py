@@ -199,27 +199,49 @@ def render(rows: list[dict], args, influence, source: str | None = None) -> str:
     lines += ["", "Block influence per layer (1 - cos(input, output), calibration tokens): "
               + ", ".join(f"{i}: {s:.3f}" for i, s in enumerate(influence.tolist())), "",
               "![PPL and speed vs layers removed](depth_ppl_speed.png)"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for method in dict.fromkeys(r["method"] for r in rows[1:]):
-        points = sorted((r["count"], r["ppl"], r["decode_tok_s"] / base["decode_tok_s"]) for r in rows
-                        if r["method"] == method)
-        counts, ppls, speeds = zip(*points, strict=True)
-        style = dict(marker="o", label=method, lw=2.5 if method in (COURSE, OPTIPFAIR) else 1)
-        left.plot(counts, ppls, **style)
-        right.plot(counts, speeds, **style)
-    left.axhline(base["ppl"], color="black", ls="--", lw=1, label="unpruned")
-    left.set_yscale("log")
-    left.set_xlabel("layers removed (attention sub-layers for bypass)")
-    left.set_ylabel("held-out PPL (log)")
-    right.axhline(1.0, color="black", ls="--", lw=1)
-    right.set_xlabel("layers removed (attention sub-layers for bypass)")
-    right.set_ylabel("decode speed vs base")
-    left.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M: depth pruning and attention bypass")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "depth_ppl_speed.png", dpi=90)
+    figure(rows)
     return "\n".join(lines)
 
 
+def figure(rows: list[dict]) -> None:
+    """PPL increase of the methods that stay near the base (linear axis; the others named in the title) and the
+    clock's decode speed; one colour per method, the legend below the data."""
+    from width import method_colours
+
+    base = rows[0]
+    methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
+    colours = method_colours(methods, (COURSE, OPTIPFAIR))
+    worst = {m: max(r["ppl"] for r in rows if r["method"] == m) for m in methods}
+    far = [m for m in methods if worst[m] >= 4 * base["ppl"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(wspace=0.3))
+    for method in methods:
+        points = sorted((r["count"], r["ppl"], r["decode_tok_s"] / base["decode_tok_s"]) for r in rows
+                        if r["method"] == method)
+        counts, ppls, speeds = zip(*points, strict=True)
+        style = dict(marker="o", color=colours[method], label=method, lw=2.5 if method in (COURSE, OPTIPFAIR) else 1)
+        if method not in far:
+            left.plot(counts, [p / base["ppl"] - 1 for p in ppls], **style)
+        right.plot(counts, speeds, **style)
+    left.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    left.set_ylabel("PPL increase over the unpruned model")
+    left.set_title("PPL" + "".join(f"; off the chart: {m} (up to {worst[m]:,.0f})" for m in far), fontsize=9)
+    right.axhline(1.0, color="black", ls="--", lw=1)
+    right.set_ylabel("decode speed / unpruned (clock, batch 1)")
+    right.set_title("decode speed (one run's clock: see the table's spread)", fontsize=9)
+    for ax in (left, right):
+        ax.set_xlabel("layers removed (attention sub-layers for bypass)")
+    handles, labels = right.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle("SmolLM2-135M: depth pruning and attention bypass")
+    fig.subplots_adjust(bottom=0.13 + 0.042 * ((len(methods) + 2) // 3), top=0.84)
+    fig.savefig(RESULTS / "depth_ppl_speed.png", dpi=90)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:] == ["--replot"]:  # redraw the figure from results/depth.json (no model, no measurement)
+        figure(json.loads((RESULTS / "depth.json").read_text()))
+    else:
+        main()

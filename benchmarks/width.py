@@ -245,21 +245,58 @@ def render(rows: list[dict], args, allocations: dict[str, list[float]]) -> str:
         source = "measured curves" if source == "exact" else f"calibrated curves, {source} x 256 calibration"
         lines.append(f"- {float(ratio):.0%}, {source}: " + " ".join(f"{100 * r:.0f}" for r in values))
     lines += ["", "![PPL vs ratio](width_ppl_vs_ratio.png)"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for method in dict.fromkeys(r["method"] for r in rows[1:]):
-        points = [(r["ratio"], r["ppl"]) for r in rows if r["method"] == method]
-        ax.plot(*zip(*points, strict=True), marker="o", label=method,
-                lw=2.5 if method in (COURSE, OPTIPFAIR, default) else 1)
-    ax.axhline(base["ppl"], color="black", ls="--", lw=1, label="unpruned")
-    ax.set_yscale("log")
-    ax.set_xlabel("fraction of MLP neurons removed")
-    ax.set_ylabel("held-out PPL (log)")
-    ax.set_title("SmolLM2-135M width pruning")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "width_ppl_vs_ratio.png", dpi=90)
+    figure(rows, highlight=(COURSE, OPTIPFAIR, default))
     return "\n".join(lines)
 
 
+def method_colours(methods: list[str], highlight: tuple[str, ...]) -> dict:
+    """A distinct colour per method: the highlighted ones get the strongest hues, the rest follow tab20's dark
+    shades, then black, then its light ones (the first eleven methods never share a hue)."""
+    cmap = plt.get_cmap("tab20")
+    order = [cmap(i) for i in (6, 0, 4, 2, 8, 10, 12, 14, 16, 18)] + ["black"]
+    order += [cmap(i) for i in (17, 15, 13, 11, 9, 7, 5, 3, 1, 19)]
+    ranked = [m for m in highlight if m in methods] + [m for m in methods if m not in highlight]
+    return {m: order[i % len(order)] for i, m in enumerate(ranked)}
+
+
+def figure(rows: list[dict], highlight: tuple[str, ...]) -> None:
+    """Two panels: every method on a log axis (the overview), and the methods that stay near the base on a linear
+    axis of PPL increase (the comparison that matters). One colour per method, the legend below the data."""
+    base = rows[0]
+    methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
+    colours = method_colours(methods, highlight)
+    worst = {m: max(r["ppl"] for r in rows if r["method"] == m) for m in methods}
+    near = [m for m in methods if worst[m] < 4 * base["ppl"]]  # within 4x the base PPL at every ratio
+    fig, (overview, zoom) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(wspace=0.3))
+    for method in methods:
+        points = sorted((r["ratio"], r["ppl"]) for r in rows if r["method"] == method)
+        style = dict(marker="o", color=colours[method], lw=2.5 if method in highlight else 1, label=method)
+        overview.plot(*zip(*points, strict=True), **style)
+        if method in near:
+            zoom.plot([x for x, _ in points], [y / base["ppl"] - 1 for _, y in points], **style)
+    overview.axhline(base["ppl"], color="black", ls="--", lw=1)
+    overview.set_yscale("log")
+    overview.set_ylabel("held-out PPL (log; dashed: unpruned)")
+    overview.set_title("every method")
+    zoom.set_ylabel("PPL increase over the unpruned model")
+    zoom.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    zoom.set_title(f"the {len(near)} methods within 4x the base PPL")
+    for ax in (overview, zoom):
+        ax.set_xlabel("fraction of MLP neurons removed")
+    handles, labels = overview.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle("SmolLM2-135M width pruning")
+    fig.subplots_adjust(bottom=0.13 + 0.042 * ((len(methods) + 2) // 3), top=0.86)
+    fig.savefig(RESULTS / "width_ppl_vs_ratio.png", dpi=90)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:] == ["--replot"]:  # redraw the figure from results/width.json (no model, no measurement)
+        stored = json.loads((RESULTS / "width.json").read_text())
+        default = fast_name(int(FAST_CALIB.split(",")[0]), "obs", int(FAST_CALIB.split(",")[0]))
+        figure(stored["rows"], highlight=(COURSE, OPTIPFAIR, default))
+    else:
+        main()
