@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from course_utils import data, evaluation, models, sparsity
+from course_utils import data, evaluation, models, quantize, sparsity
 from course_utils.profiles import setup
 
 try:
@@ -137,19 +137,21 @@ def weight_bytes(model) -> int:
 def quantization(base, tokenizer, profile) -> list[dict]:
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
+    def torchao(config):
+        def apply(model):
+            quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+            return model
+        return apply
+
     documents = data.load_documents("evaluation", profile)
-    configs = [("bf16", None), ("int8 weight-only", Int8WeightOnlyConfig()),
-               ("int4 weight-only, group 64 (tinygemm)",
-                Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d")),
-               ("int4 weight-only, group 64 (plain)", Int4WeightOnlyConfig(group_size=64))]
+    configs = [("bf16", lambda m: m), ("int8 weight-only", torchao(Int8WeightOnlyConfig())),
+               ("int4 weight-only, group 64 (tinygemm)", quantize.int4_copy),  # the course's function
+               ("int4 weight-only, group 64 (plain)", torchao(Int4WeightOnlyConfig(group_size=64)))]
     rows = []
-    for name, config in configs:
+    for name, apply in configs:
         t0 = time.time()
         try:
-            model = copy.deepcopy(base).to(device="cuda", dtype=torch.bfloat16)
-            if config is not None:
-                quantize_(model, config,
-                          filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+            model = apply(copy.deepcopy(base).to(device="cuda", dtype=torch.bfloat16))
             spread = evaluation.perplexity_spread(model, tokenizer, documents, tokens_per_document=1024)
             rows.append(dict(config=name, projection_weight_mb=weight_bytes(model) / 1e6, ppl=spread.ppl,
                              ppl_low=min(spread.per_document), ppl_high=max(spread.per_document),

@@ -232,6 +232,19 @@ class RouterCalibration:
         return cls(**raw)
 
 
+def skips_for(measured: dict[str, dict[str, float]], tolerance: float) -> list[int]:
+    """The calibration rule applied to a measured table (``RouterCalibration.measured``: band -> skip count -> loss
+    increase): each band gets the largest skip count whose increase stays within ``tolerance`` (0 if none does),
+    then the counts are made non-increasing with complexity. No model run: a new tolerance costs nothing."""
+    if not measured:
+        raise ValueError("measured is empty: pass RouterCalibration.measured from a calibration")
+    skips = [max([0] + [int(k) for k, v in row.items() if v <= tolerance])  # 0: skip nothing
+             for _band, row in sorted(measured.items(), key=lambda item: int(item[0]))]
+    for b in range(1, len(skips)):  # a more complex band never skips more than a simpler one
+        skips[b] = min(skips[b], skips[b - 1])
+    return skips
+
+
 class AdaptiveBypass:
     """Per-prompt attention bypass: simple prompts skip more attention sub-layers, complex ones fewer."""
 
@@ -298,7 +311,7 @@ class AdaptiveBypass:
         scores = ((raw - mean) / std) @ w  # (n_prompts,)
         thresholds = [float(torch.quantile(scores, q / n_bands)) for q in range(1, n_bands)]
         bands = [sum(float(s) > t for t in thresholds) for s in scores]
-        measured, skips = {}, []
+        measured = {}
         for b in range(n_bands):
             batch = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}
                      for ids, band in zip(encoded, bands, strict=True) if band == b and ids.numel() > 1]
@@ -310,9 +323,7 @@ class AdaptiveBypass:
                 with skipping(model, order[:k]):
                     increases[k] = evaluation.calibration_loss(model, batch) - base
             measured[str(b)] = {str(k): round(v, 4) for k, v in increases.items()}
-            skips.append(max([0] + [k for k, v in increases.items() if v <= tolerance]))  # 0: skip nothing
-        for b in range(1, n_bands):  # a more complex band never skips more than a simpler one
-            skips[b] = min(skips[b], skips[b - 1])
+        skips = skips_for(measured, tolerance)
         calibration = RouterCalibration(
             model=model_name or str(getattr(model.config, "name_or_path", "")), order=list(order),
             feature_mean=mean.tolist(), feature_std=std.tolist(), weights=list(weights), thresholds=thresholds,

@@ -1,5 +1,7 @@
 """Attention bypass (static and adaptive) on tiny random GPT-2 and Llama models."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import padded_batch, tiny_llama, word_tokenizer
@@ -273,3 +275,23 @@ def test_shipped_router_calibration_is_smollm2s(smollm2):
     for k in (4, 8):
         with bypass.skipping(model, shipped.order[:k]):
             assert abs(evaluation.calibration_loss(model, batch) - base - shipped.measured["1"][str(k)]) < 2e-4
+
+
+def test_skips_for_applies_the_calibration_rule_to_a_table():
+    measured = {"0": {"0": 0.0, "2": 0.05, "4": 0.04, "6": 0.3},  # noisy: 4 costs less than 2
+                "1": {"0": 0.0, "2": 0.02, "4": 0.12, "6": 0.2},
+                "2": {"0": 0.0, "2": 0.2, "4": 0.3, "6": 0.4}}
+    assert bypass.skips_for(measured, 0.1) == [4, 2, 0]  # the largest count within the tolerance, per band
+    assert bypass.skips_for(measured, 0.25) == [4, 4, 2]  # band 1 could take 6: capped by the simpler band
+    assert bypass.skips_for(measured, -1.0) == [0, 0, 0]  # nothing within: skip nothing
+    assert bypass.skips_for({"1": measured["1"], "0": measured["0"]}, 0.1) == [4, 2]  # bands in numeric order
+    with pytest.raises(ValueError, match="measured is empty"):
+        bypass.skips_for({}, 0.1)
+
+
+def test_shipped_calibration_follows_the_rule_and_parts_at_other_tolerances():
+    shipped = bypass.RouterCalibration.load(Path(__file__).resolve().parent.parent / "data" /
+                                            "adaptive_bypass_smollm2.json")
+    assert bypass.skips_for(shipped.measured, shipped.tolerance) == shipped.skip_per_band
+    parted = [t / 100 for t in range(1, 50) if len(set(bypass.skips_for(shipped.measured, t / 100))) > 1]
+    assert parted  # lesson 06 shows these tolerances: the bands part there

@@ -222,3 +222,18 @@ def test_the_command_runs_under_accelerate_launch_on_two_processes(tiny_dir, tmp
     report = json.loads((tmp_path / "ddp" / pipeline.REPORT_FILE).read_text())
     assert [s["step"] for s in report["stages"]] == ["base", "width", "kd", "save"]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "ddp").config.intermediate_size == 96
+
+
+def test_int4_copy_refuses_a_cpu_model_and_a_bad_group_before_touching_torchao():
+    import torch
+
+    from course_utils import quantize
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="CUDA kernels"):
+        quantize.int4_copy(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+    if torch.cuda.is_available():  # pragma: no cover - CI has no GPU
+        with pytest.raises(ValueError, match="group_size"):
+            quantize.int4_copy(model.cuda(), group_size=48)
