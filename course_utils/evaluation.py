@@ -324,7 +324,7 @@ def forward_flops(model: nn.Module, tokens: int = 128) -> int:
 class Latency:
     """Median timings over several runs after a warm-up."""
 
-    prefill_ms: float  # one forward pass over the prompt (batch 1)
+    prefill_ms: float  # one forward pass over the prompt (batch 1), logits for the last position only, as in generate
     decode_tok_s: float  # new tokens per second, one at a time with the KV cache
     prompt_tokens: int
     new_tokens: int
@@ -358,7 +358,7 @@ def latency(model: nn.Module, tokenizer=None, prompt_tokens: int = 128, new_toke
         cache = DynamicCache(config=model.config)
         sync()
         t0 = time.perf_counter()
-        out = model(input_ids=prompt, **arch.cache_kwargs(model, cache))
+        out = model(input_ids=prompt, logits_to_keep=1, **arch.cache_kwargs(model, cache))  # as generate does
         sync()
         t1 = time.perf_counter()
         token = out.logits[:, -1:].argmax(-1)

@@ -155,3 +155,15 @@ def test_perplexity_spread_scores_each_document_and_pools_by_tokens():
 
 def statistics_mean(values):
     return sum(values) / len(values)
+
+
+def test_latency_prefill_computes_logits_for_the_last_position_only_as_generate_does():
+    model = tiny_gpt2()
+    shapes = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    try:
+        evaluation.latency(model, prompt_tokens=8, new_tokens=2, runs=1, warmup=0)
+    finally:
+        handle.remove()
+    assert shapes[0] == (1, 1, model.config.vocab_size)  # the prompt's pass: one position, not eight
+    assert all(shape[1] == 1 for shape in shapes)
