@@ -5,7 +5,7 @@ groups): whole K/V groups chosen by the first-order Taylor score (``importance.h
 of random groups (``--draws`` draws), as many MLP neurons chosen by ``wanda_like`` model-wide, and whole layers
 chosen by block influence. Rows: params removed, held-out PPL, last-word accuracy, KV-cache numbers per token,
 FLOPs of a forward pass at 128 and 1,024 tokens (counted by ``FlopCounterMode`` with eager attention, which it
-sees; the fused SDPA kernel it does not), and the clock: prefill of a 1,024-token prompt and KV-cache decode
+sees; on a CPU it misses the fused SDPA kernel), and the clock: prefill of a 1,024-token prompt and KV-cache decode
 speed after it, as ratios to the unpruned model measured in the same run.
 
 Run: ``python benchmarks/heads.py [--draws 5] [--eval-tokens 16384]`` (``make benchmarks``).
