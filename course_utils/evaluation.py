@@ -16,6 +16,7 @@ counts as correct when greedy decoding reproduces every token of the target (lm-
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import statistics
@@ -278,6 +279,7 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: list[str] | None = None,
         task_list: list = [configs[t] for t in names]
     else:
         task_list = list(tasks or FULL_LM_EVAL_TASKS)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notices about wrapping an in-memory model
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(_device_of(model)))
     output = simple_evaluate(model=lm, tasks=task_list, limit=limit, bootstrap_iters=0,
                              log_samples=False, verbosity="ERROR")

@@ -21,6 +21,10 @@ def is_progress_view(output: dict) -> bool:
     """True for a widget's output (a progress bar, the explorer: without the stripped state it cannot render, and
     its text fallback is a repr), or for the frozen text a progress bar leaves behind."""
     data = output.get("data", {})
+    if output.get("output_type") == "stream":  # a bar written to stderr as text (lm-eval's): only its frames
+        text = output.get("text", "")
+        frames = [f.strip() for f in re.split(r"[\r\n]", "".join(text) if isinstance(text, list) else text)]
+        return output.get("name") == "stderr" and any(frames) and all(_FROZEN_BAR.match(f) for f in frames if f)
     if output.get("output_type") not in ("display_data", "execute_result"):
         return False
     if WIDGET_VIEW in data:

@@ -33,3 +33,18 @@ def test_progress_views_go_and_everything_else_stays(tmp_path):
     again = nbformat.read(path, as_version=4)
     assert again.cells[0].outputs == kept
     assert "widgets" not in again.metadata
+
+
+def test_progress_bars_written_to_stderr_go_and_other_stderr_stays(tmp_path):
+    frames = ("Running requests:   0%|          | 0/100 [00:00<?, ?it/s]\r"
+              "Running requests: 100%|#####| 100/100 [00:35<00:00]\n")
+    bars = nbformat.v4.new_output("stream", name="stderr", text=frames)
+    warning = nbformat.v4.new_output("stream", name="stderr", text="UserWarning: 50%|x| of the text\n")
+    mixed = nbformat.v4.new_output("stream", name="stderr", text=frames + "a real message\n")
+    on_stdout = nbformat.v4.new_output("stream", name="stdout", text=frames)
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_code_cell("run()", outputs=[bars, warning, mixed, on_stdout]))
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    nbclean.clean(str(path))
+    assert nbformat.read(path, as_version=4).cells[0].outputs == [warning, mixed, on_stdout]
