@@ -24,7 +24,7 @@ def is_progress_view(output: dict) -> bool:
     if output.get("output_type") == "stream":  # a bar written to stderr as text (lm-eval's): only its frames
         text = output.get("text", "")
         frames = [f.strip() for f in re.split(r"[\r\n]", "".join(text) if isinstance(text, list) else text)]
-        return output.get("name") == "stderr" and any(frames) and all(_FROZEN_BAR.match(f) for f in frames if f)
+        return output.get("name") == "stderr" and all(_FROZEN_BAR.match(f) for f in frames if f)  # or blank
     if output.get("output_type") not in ("display_data", "execute_result"):
         return False
     if WIDGET_VIEW in data:

@@ -41,9 +41,10 @@ def test_progress_bars_written_to_stderr_go_and_other_stderr_stays(tmp_path):
     bars = nbformat.v4.new_output("stream", name="stderr", text=frames)
     warning = nbformat.v4.new_output("stream", name="stderr", text="UserWarning: 50%|x| of the text\n")
     mixed = nbformat.v4.new_output("stream", name="stderr", text=frames + "a real message\n")
+    blank = nbformat.v4.new_output("stream", name="stderr", text="\n")  # what a bar leaves once its frames are gone
     on_stdout = nbformat.v4.new_output("stream", name="stdout", text=frames)
     nb = nbformat.v4.new_notebook()
-    nb.cells.append(nbformat.v4.new_code_cell("run()", outputs=[bars, warning, mixed, on_stdout]))
+    nb.cells.append(nbformat.v4.new_code_cell("run()", outputs=[bars, warning, blank, mixed, on_stdout]))
     path = tmp_path / "nb.ipynb"
     nbformat.write(nb, path)
     nbclean.clean(str(path))
