@@ -20,7 +20,12 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv course notebooks benchmarks report test unit nbval lint clean
+# llmcompressor's pins clash with the course's: benchmarks/sparsity.py runs it from its own venv (skipped without it).
+llmc-venv:
+	test -x .venv-llmc/bin/python || $(PYTHON) -m venv .venv-llmc
+	.venv-llmc/bin/python -m pip install -q "$(TORCH_SPEC)" llmcompressor==0.14.0.1
+
+.PHONY: llmc-venv venv course notebooks benchmarks report test unit nbval lint clean
 
 venv: $(STAMP)
 
@@ -46,6 +51,7 @@ benchmarks: venv
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/bias.py
 	$(BIN)/python benchmarks/heads.py
+	$(BIN)/python benchmarks/sparsity.py
 	$(BIN)/python benchmarks/capstone.py
 
 report: venv
