@@ -115,3 +115,13 @@ def test_sparsegpt_reaches_the_pattern_and_beats_magnitude_on_layer_output(nm):
     assert err(w) < err(magnitude)  # the second-order update repairs what the mask removes
     with pytest.raises(ValueError, match="bake"):
         sparsity.sparsegpt(sparsity.apply_masks(copy.deepcopy(model), masks), calibration)
+
+
+def test_sparsegpt_refuses_groups_that_do_not_divide_the_inputs_and_leaves_the_model_intact():
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    widths = {m.in_features for m in sparsity.linear_layers(model).values()}
+    m = next(k for k in (3, 5, 7, 9, 11) if any(w % k for w in widths))  # a group size some input size breaks
+    with pytest.raises(ValueError, match="does not divide the input size"):
+        sparsity.sparsegpt(model, _calibration(), nm=(1, m))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
