@@ -206,7 +206,7 @@ def render(rows: list[dict], args, influence, source: str | None = None) -> str:
 def figure(rows: list[dict]) -> None:
     """PPL increase of the methods that stay near the base (linear axis; the others named in the title) and the
     clock's decode speed; one colour per method, the legend below the data."""
-    from width import method_colours
+    from width import method_colours, save_figure
 
     base = rows[0]
     methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
@@ -230,12 +230,8 @@ def figure(rows: list[dict]) -> None:
     right.set_title("decode speed (one run's clock: see the table's spread)", fontsize=9)
     for ax in (left, right):
         ax.set_xlabel("layers removed (attention sub-layers for bypass)")
-    handles, labels = right.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.suptitle("SmolLM2-135M: depth pruning and attention bypass")
-    fig.subplots_adjust(bottom=0.13 + 0.042 * ((len(methods) + 2) // 3), top=0.84)
-    fig.savefig(RESULTS / "depth_ppl_speed.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, right, "SmolLM2-135M: depth pruning and attention bypass", len(methods), "depth_ppl_speed.png",
+                top=0.84)
 
 
 if __name__ == "__main__":

@@ -283,11 +283,16 @@ def figure(rows: list[dict], highlight: tuple[str, ...]) -> None:
     zoom.set_title(f"the {len(near)} methods within 4x the base PPL")
     for ax in (overview, zoom):
         ax.set_xlabel("fraction of MLP neurons removed")
-    handles, labels = overview.get_legend_handles_labels()
+    save_figure(fig, overview, "SmolLM2-135M width pruning", len(methods), "width_ppl_vs_ratio.png", top=0.86)
+
+
+def save_figure(fig, legend_from, title: str, n_methods: int, name: str, top: float) -> None:
+    """The report figures' common finish: one legend below the panels (three columns), the title, saved in results/."""
+    handles, labels = legend_from.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.suptitle("SmolLM2-135M width pruning")
-    fig.subplots_adjust(bottom=0.13 + 0.042 * ((len(methods) + 2) // 3), top=0.86)
-    fig.savefig(RESULTS / "width_ppl_vs_ratio.png", dpi=90)
+    fig.suptitle(title)
+    fig.subplots_adjust(bottom=0.13 + 0.042 * ((n_methods + 2) // 3), top=top)
+    fig.savefig(RESULTS / name, dpi=90)
     plt.close(fig)
 
 
