@@ -3,7 +3,9 @@
 For SmolLM2 (offline Llama role), at one and two decoder layers' worth of parameters (12 and 24 of the 90 K/V
 groups): whole K/V groups chosen by the first-order Taylor score (``importance.head_scores``), the same number
 of random groups (``--draws`` draws), as many MLP neurons chosen by ``wanda_like`` model-wide, and whole layers
-chosen by block influence. Rows: params removed, held-out PPL, last-word accuracy, KV-cache numbers per token,
+chosen by block influence. Rows: params removed, held-out PPL (the first ``--eval-tokens`` / 10 tokens of each of
+the ten held-out articles, ``evaluation.perplexity_spread``, so every comparison is read against the spread over
+articles), last-word accuracy, KV-cache numbers per token,
 FLOPs of a forward pass at 128 and 1,024 tokens (counted by ``FlopCounterMode`` with eager attention, which it
 sees; on a CPU it misses the fused SDPA kernel), and the clock: prefill of a 1,024-token prompt and KV-cache decode
 speed after it, as ratios to the unpruned model measured in the same run.
@@ -15,10 +17,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import statistics
 
 from report import RESULTS, start_run, write_section
 
-from course_utils import arch, evaluation, heads, importance, models, surgery
+from course_utils import arch, data, evaluation, heads, importance, models, surgery
 
 
 def main() -> None:
@@ -34,6 +38,8 @@ def main() -> None:
     parts = arch.attention_parts(model, 0)
     group_params = (2 * parts.group_size + 2) * parts.head_dim * model.config.hidden_size  # q, o of its heads; k, v
     base_params = models.count_parameters(model)
+    documents = data.load_documents("evaluation", run.profile)
+    per_doc = max(64, args.eval_tokens // len(documents))
 
     def width(n_neurons: int):  # the least important neurons model-wide
         removed = importance.top_neurons(-wanda, n_neurons)
@@ -41,8 +47,9 @@ def main() -> None:
 
     def measure(name: str, m, base: dict | None = None) -> dict:
         speed = evaluation.latency(m, prompt_tokens=args.prompt_tokens, new_tokens=32, runs=5)
+        spread = evaluation.perplexity_spread(m, tokenizer, documents, tokens_per_document=per_doc)
         row = {"variant": name, "removed": base_params - models.count_parameters(m),
-               "ppl": evaluation.perplexity(m, tokenizer, run.texts, max_tokens=args.eval_tokens),
+               "ppl": spread.ppl, "nll": spread.nll, "per_document": spread.per_document,
                "lastword": evaluation.last_word_accuracy(m, tokenizer, run.items),
                "kv": heads.kv_cache_values_per_token(m), "flops_128": evaluation.forward_flops(m, 128),
                "flops_1024": evaluation.forward_flops(m, 1024),
@@ -50,7 +57,8 @@ def main() -> None:
         if base is not None:
             row |= {"prefill_x": base["prefill_ms"] / row["prefill_ms"],
                     "decode_x": row["decode_tok_s"] / base["decode_tok_s"]}
-        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()
+               if k not in ("nll", "per_document")}, flush=True)
         return row
 
     base = measure("unpruned", model)
@@ -69,7 +77,7 @@ def main() -> None:
             rows.append(measure(name, m, base) | {"budget_layers": layers})
             del m
     (RESULTS / "heads.json").write_text(json.dumps(rows, indent=1))
-    write_section(60, "heads", "Attention heads on a GQA model (lesson 10)", render(rows, args))
+    write_section(52, "heads", "Attention heads on a GQA model (lesson 10)", render(rows, args))
 
 
 def render(rows: list[dict], args) -> str:
@@ -87,12 +95,26 @@ def render(rows: list[dict], args) -> str:
         at = [r for r in rows[1:] if r["budget_layers"] == layers]
         taylor = next(r for r in at if "Taylor" in r["variant"])
         randoms = sorted(r["ppl"] for r in at if "random" in r["variant"])
-        verdicts.append(f"- {layers} layer(s)' worth: Taylor groups PPL {taylor['ppl']:.2f}, random groups "
-                        f"{randoms[0]:.2f} to {randoms[-1]:.2f} (median {randoms[len(randoms) // 2]:.2f}).")
-    return (f"SmolLM2, {args.eval_tokens:,} held-out tokens per PPL, {args.lastword_items} last-word items, "
+        line = (f"- {layers} layer(s)' worth: Taylor groups PPL {taylor['ppl']:.2f}, {len(randoms)} random draws "
+                f"{randoms[0]:.2f} to {randoms[-1]:.2f} (median {randoms[len(randoms) // 2]:.2f})")
+        for other in (r for r in at if "MLP" in r["variant"] or "layer" in r["variant"]):
+            diff, se = paired(taylor, other)
+            verdict = "beyond" if abs(diff) > 2 * se else "within"
+            line += (f"; against {other['variant']} (PPL {other['ppl']:.2f}): log-PPL {diff:+.3f} +/- {se:.3f}, "
+                     f"{verdict} twice the paired spread")
+        verdicts.append(line + ".")
+    return (f"SmolLM2, held-out PPL over the first {args.eval_tokens // 10:,} tokens of each of the 10 held-out "
+            f"articles (paired differences: Taylor minus the other, mean log-PPL over articles +/- its standard "
+            f"error), {args.lastword_items} last-word items, "
             f"clock: a {args.prompt_tokens:,}-token prompt then 32 decoded tokens with the KV cache, median of 5 runs "
             "after a warm-up, as ratios to the unpruned model in the same run (above 1 = faster). FLOPs counted with "
             "eager attention.\n\n" + "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n")
+
+
+def paired(a: dict, b: dict) -> tuple[float, float]:
+    """Mean log-PPL difference a - b over the same articles, with its paired standard error."""
+    diffs = [x - y for x, y in zip(a["nll"], b["nll"], strict=True)]
+    return statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
 
 
 if __name__ == "__main__":

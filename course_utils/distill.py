@@ -120,15 +120,22 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, i
     mask = target_mask(attention_mask, input_ids)  # (batch, seq - 1)
     if not mask.any():
         raise ValueError("the batch has no position with a real next token (all padding?)")
-    s = student_logits[:, :-1][mask].float()  # (n_positions, vocab)
-    hard = F.cross_entropy(s, input_ids[:, 1:][mask])
+    vocab, whole = student_logits.shape[-1], bool(mask.all())
+    if whole:  # no padding (token windows): views, not a gathered copy of every logit
+        s = student_logits[:, :-1].reshape(-1, vocab).float()  # (n_positions, vocab)
+        targets = input_ids[:, 1:].reshape(-1)
+    else:
+        s = student_logits[:, :-1][mask].float()
+        targets = input_ids[:, 1:][mask]
+    log_q_student = F.log_softmax(s / temperature if temperature != 1 else s, dim=-1)
+    # at T = 1 the tempered log-probabilities are the plain ones: the cross-entropy reuses them
+    hard = F.nll_loss(log_q_student, targets) if temperature == 1 else F.cross_entropy(s, targets)
     soft = torch.zeros((), device=s.device)
     if alpha > 0:
         if teacher_logits is None:
             raise ValueError("alpha > 0 needs the teacher's logits")
-        t = teacher_logits[:, :-1][mask].float()  # (n_positions, vocab)
-        log_p_teacher = F.log_softmax(t / temperature, dim=-1)
-        log_q_student = F.log_softmax(s / temperature, dim=-1)
+        t = (teacher_logits[:, :-1].reshape(-1, vocab) if whole else teacher_logits[:, :-1][mask]).float()
+        log_p_teacher = F.log_softmax(t / temperature if temperature != 1 else t, dim=-1)
         soft = F.kl_div(log_q_student, log_p_teacher, log_target=True, reduction="batchmean") * temperature**2
     total = alpha * soft + (1 - alpha) * hard
     return KDLoss(total=total, soft=float(soft.detach()), hard=float(hard.detach()))
@@ -294,7 +301,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], 
     if not params:
         raise ValueError("the student has no trainable parameters (did you freeze everything?)")
     accelerator = accelerator or make_accelerator()
-    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimiser = adamw(params, config.lr, config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_lambda(config.warmup_steps, config.steps))
     # the schedule is not prepared: accelerate would step a prepared one once per process at every step (it
     # assumes the batches are split between processes); here each process takes ``config.steps`` steps
@@ -375,6 +382,14 @@ def distill(student: nn.Module, teacher: nn.Module | None, batches: list[dict], 
     run_eval(config.steps)
     student.eval()
     return history
+
+
+def adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel where torch has one for these parameters (floating point, on a CPU or a CUDA
+    GPU); the default per-tensor loop otherwise. Same update; on a CPU the fused step of SmolLM2's 135 M
+    parameters takes about a quarter of the loop's time."""
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None)
 
 
 def gap_recovered(base: float, pruned: float, recovered: float, log: bool = True) -> float:

@@ -53,6 +53,44 @@ def test_loss_matches_the_formula():
     assert loss.total.item() == pytest.approx((alpha * kl + (1 - alpha) * ce).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_unpadded_fast_path_matches_the_formula_and_its_gradient(temp):
+    """No padding (token windows) takes views instead of a gathered copy, and at T = 1 the cross-entropy reuses
+    the student's log-probabilities: the same loss and the same gradient as the general formula."""
+    ids = torch.randint(0, 100, (3, 10), generator=torch.Generator().manual_seed(0))
+    student, teacher = _logits(1).requires_grad_(True), _logits(2)
+    loss = distill.kd_loss(student, teacher, ids, None, 0.4, temp)
+    loss.total.backward()
+    fast_grad, student.grad = student.grad.clone(), None
+    s, t = student[:, :-1].reshape(-1, 100), teacher[:, :-1].reshape(-1, 100)
+    p = F.softmax(t / temp, -1)
+    kl = (p * (p.log() - F.log_softmax(s / temp, -1))).sum(-1).mean() * temp**2
+    reference = 0.4 * kl + 0.6 * F.cross_entropy(s, ids[:, 1:].reshape(-1))
+    reference.backward()
+    assert loss.total.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert torch.allclose(fast_grad, student.grad, atol=1e-7)
+    ones = distill.kd_loss(student, teacher, ids, torch.ones_like(ids), 0.4, temp)  # an all-ones mask: same path
+    assert ones.total.item() == pytest.approx(loss.total.item(), rel=1e-6)
+
+
+def test_adamw_is_fused_on_a_cpu_and_gives_the_loop_s_update():
+    torch.manual_seed(0)
+    weights = [torch.randn(7, 5), torch.randn(5)]
+    grads = [torch.randn_like(w) for w in weights]
+    results = []
+    for make in (lambda ps: distill.adamw(ps, 1e-2, 0.01), lambda ps: torch.optim.AdamW(ps, 1e-2, weight_decay=0.01)):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        optimiser = make(params)
+        for _ in range(3):
+            for param, grad in zip(params, grads, strict=True):
+                param.grad = grad.clone()
+            optimiser.step()
+        results.append(params)
+    assert distill.adamw([torch.nn.Parameter(torch.zeros(2))], 1e-3, 0.0).defaults["fused"] is True
+    for fused, loop in zip(*results, strict=True):
+        assert torch.allclose(fused, loop, atol=1e-6)
+
+
 def test_identical_logits_give_zero_soft_loss():
     logits = _logits(3)
     loss = distill.kd_loss(logits, logits.clone(), torch.randint(0, 100, (3, 10)), alpha=1.0)
