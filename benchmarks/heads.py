@@ -10,7 +10,8 @@ FLOPs of a forward pass at 128 and 1,024 tokens (counted by ``FlopCounterMode`` 
 sees; on a CPU it misses the fused SDPA kernel), and the clock: prefill of a 1,024-token prompt and KV-cache decode
 speed after it, as ratios to the unpruned model measured in the same run.
 
-Run: ``python benchmarks/heads.py [--draws 5] [--eval-tokens 16384]`` (``make benchmarks``).
+Run: ``python benchmarks/heads.py [--draws 5] [--eval-tokens 16384]`` (``make benchmarks``);
+``python benchmarks/heads.py --render`` rewrites the report section from ``results/heads.json`` without measuring.
 """
 
 from __future__ import annotations
@@ -19,13 +20,19 @@ import copy
 import json
 import math
 import statistics
+import sys
 
-from report import RESULTS, start_run, write_section
+from report import RESULTS, measured_line, start_run, write_section
 
 from course_utils import arch, data, evaluation, heads, importance, models, surgery
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--render"]:
+        stored = json.loads((RESULTS / "heads.json").read_text())
+        write_section(52, "heads", "Attention heads on a GQA model (lesson 10)", render(stored["rows"], stored["args"]),
+                      measured=stored["measured"])
+        return
     run = start_run(__doc__.split("\n")[0], calib_samples=8,
                     extra=[("--draws", int, 5, "random K/V-group draws per budget"),
                            ("--prompt-tokens", int, 1024, "prompt length for the clock")])
@@ -76,11 +83,14 @@ def main() -> None:
         for name, m in variants.items():
             rows.append(measure(name, m, base) | {"budget_layers": layers})
             del m
-    (RESULTS / "heads.json").write_text(json.dumps(rows, indent=1))
-    write_section(52, "heads", "Attention heads on a GQA model (lesson 10)", render(rows, args))
+    stored = {"args": {k: getattr(args, k) for k in ("eval_tokens", "lastword_items", "prompt_tokens", "draws")},
+              "measured": measured_line(), "rows": rows}
+    (RESULTS / "heads.json").write_text(json.dumps(stored, indent=1))
+    write_section(52, "heads", "Attention heads on a GQA model (lesson 10)", render(rows, stored["args"]),
+                  measured=stored["measured"])
 
 
-def render(rows: list[dict], args) -> str:
+def render(rows: list[dict], args: dict) -> str:
     base = rows[0]
     lines = ["| variant | params removed (M) | PPL | last-word | KV / token | FLOPs 128 | FLOPs 1,024 | prefill x | "
              "decode x |", "|---|---|---|---|---|---|---|---|---|",
@@ -103,12 +113,19 @@ def render(rows: list[dict], args) -> str:
             line += (f"; against {other['variant']} (PPL {other['ppl']:.2f}): log-PPL {diff:+.3f} +/- {se:.3f}, "
                      f"{verdict} twice the paired spread")
         verdicts.append(line + ".")
-    return (f"SmolLM2, held-out PPL over the first {args.eval_tokens // 10:,} tokens of each of the 10 held-out "
+    same = [r for r in rows[1:] if "random" in r["variant"]]  # identical shapes and FLOPs: their clocks differ by noise
+    prefill, decode = sorted(r["prefill_x"] for r in same), sorted(r["decode_x"] for r in same)
+    noise = (f"The random draws have identical shapes and FLOPs, so the spread of their clock ratios is the clock's "
+             f"noise in this run: prefill {prefill[0]:.2f}-{prefill[-1]:.2f}x, "
+             f"decode {decode[0]:.2f}-{decode[-1]:.2f}x. A clock "
+             "difference inside that band says nothing; the FLOP and KV-cache columns are exact.")
+    verdicts.append("\n" + noise)
+    return (f"SmolLM2, held-out PPL over the first {args['eval_tokens'] // 10:,} tokens of each of the 10 held-out "
             f"articles (paired differences: Taylor minus the other, mean log-PPL over articles +/- its standard "
-            f"error), {args.lastword_items} last-word items, "
-            f"clock: a {args.prompt_tokens:,}-token prompt then 32 decoded tokens with the KV cache, median of 5 runs "
-            "after a warm-up, as ratios to the unpruned model in the same run (above 1 = faster). FLOPs counted with "
-            "eager attention.\n\n" + "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n")
+            f"error), {args['lastword_items']} last-word items, "
+            f"clock: a {args['prompt_tokens']:,}-token prompt then 32 decoded tokens with the KV cache, median of 5 "
+            "runs after a warm-up, as ratios to the unpruned model in the same run (above 1 = faster). FLOPs counted "
+            "with eager attention.\n\n" + "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n")
 
 
 def paired(a: dict, b: dict) -> tuple[float, float]:

@@ -18,12 +18,18 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 SECTIONS = RESULTS / "sections"
 
 
-def write_section(order: int, name: str, title: str, body: str) -> Path:
-    """Store one report section (markdown) for ``report.py`` to assemble."""
+def measured_line() -> str:
+    """When and where: the time now and ``machine_line()``; store it with the raw results to re-render later."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{stamp} on {machine_line()}"
+
+
+def write_section(order: int, name: str, title: str, body: str, measured: str | None = None) -> Path:
+    """Store one report section (markdown) for ``report.py`` to assemble; ``measured``: the stored
+    ``measured_line()`` of the run that took the numbers, when re-rendering (default: now, this machine)."""
     SECTIONS.mkdir(parents=True, exist_ok=True)
     path = SECTIONS / f"{order:02d}_{name}.md"
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    path.write_text(f"## {title}\n\n_Measured {stamp} on {machine_line()}._\n\n{body.strip()}\n", encoding="utf-8")
+    path.write_text(f"## {title}\n\n_Measured {measured or measured_line()}._\n\n{body.strip()}\n", encoding="utf-8")
     return path
 
 
