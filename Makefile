@@ -25,7 +25,14 @@ llmc-venv:
 	test -x .venv-llmc/bin/python || $(PYTHON) -m venv .venv-llmc
 	.venv-llmc/bin/python -m pip install -q "$(TORCH_SPEC)" llmcompressor==0.14.0.1
 
-.PHONY: llmc-venv venv course notebooks benchmarks report test unit nbval lint clean
+# Torch-Pruning (lesson 10's side-by-side run): its own venv layered over the course's (no pins of its own clash).
+tp-venv: venv
+	test -x .venv-tp/bin/python || $(BIN)/python -m venv .venv-tp
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib']); print('$(CURDIR)')" \
+		> "$$(.venv-tp/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/course.pth"
+	.venv-tp/bin/python -m pip install -q --no-deps torch-pruning==1.6.1
+
+.PHONY: tp-venv llmc-venv venv course notebooks benchmarks report test unit nbval lint clean
 
 venv: $(STAMP)
 
