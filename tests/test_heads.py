@@ -145,6 +145,48 @@ def test_head_scores_have_one_number_per_query_head_and_ignore_padding(score):
         assert torch.allclose(importance.head_scores(model, score, other), scores, atol=1e-6)
 
 
+def test_taylor_is_the_per_sequence_gate_gradient_by_finite_differences():
+    """head_scores("taylor") = sum over sequences of |dL/d g| for a gate g on one head's output in one sequence,
+    checked against central differences of the batch loss in float64; no weight is left with a .grad."""
+    model = _gqa().double()
+    batches = _calibration()
+    scores = importance.head_scores(model, "taylor", batches)
+    batch = batches[0]
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    parts = arch.attention_parts(model, 0)
+    eps = 1e-3  # Llama's RMSNorm computes in float32 even in a float64 model: smaller steps drown in rounding
+
+    def loss_with(layer, sequence, head, scale, width=1):  # width heads from `head` on scaled together
+        def scale_head(module, args):
+            x = args[0].clone()
+            x[sequence, :, head * parts.head_dim:(head + width) * parts.head_dim] *= scale
+            return (x,)
+        handle = arch.attention_parts(model, layer).o.register_forward_pre_hook(scale_head)
+        try:
+            with torch.no_grad():  # the loss in float64 (the model's own loss upcasts to float32 only)
+                logits = model(**batch, use_cache=False).logits[:, :-1]
+                return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                               labels[:, 1:].reshape(-1), ignore_index=-100))
+        finally:
+            handle.remove()
+
+    for layer in range(2):
+        for head in range(parts.n_heads):
+            brute = sum(abs(loss_with(layer, b, head, 1 + eps) - loss_with(layer, b, head, 1 - eps)) / (2 * eps)
+                        for b in range(2))
+            assert abs(float(scores[layer, head]) - brute) < 1e-3 * brute + 1e-7
+    # per K/V group: one gate on the group's heads, |its gradient| per sequence (not the sum of its heads' scores)
+    grouped = importance.head_scores(model, "taylor", batches, per="group")
+    size = parts.group_size
+    assert grouped.shape == (2, parts.n_kv_heads)
+    for layer in range(2):
+        for group in range(parts.n_kv_heads):
+            brute = sum(abs(loss_with(layer, b, group * size, 1 + eps, size)
+                            - loss_with(layer, b, group * size, 1 - eps, size)) / (2 * eps) for b in range(2))
+            assert abs(float(grouped[layer, group]) - brute) < 1e-3 * brute + 1e-7
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_a_silent_head_scores_zero_on_data_aware_scores():
     model = _silenced(_gqa(), {0: [3]})
     for score in ("output_norm", "taylor"):
@@ -156,6 +198,11 @@ def test_group_scores_sum_their_query_heads():
     per_head = importance.head_scores(model, "weight_norm")
     grouped = importance.group_scores(model, per_head)
     assert grouped.shape == (2, 3) and torch.allclose(grouped[:, 1], per_head[:, 2] + per_head[:, 3])
+    for score in ("weight_norm", "output_norm"):  # additive scores: per="group" is the sum of the heads
+        torch.testing.assert_close(importance.head_scores(model, score, _calibration(), per="group"),
+                                   importance.group_scores(model, importance.head_scores(model, score, _calibration())))
+    with pytest.raises(ValueError, match="per must be"):
+        importance.head_scores(model, "weight_norm", per="layer")
 
 
 def test_lowest_groups_never_empties_a_layer_and_random_follows_the_same_rule():

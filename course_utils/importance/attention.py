@@ -63,23 +63,37 @@ def _layers_with_heads(model: nn.Module) -> list[int]:
             if getattr(arch.attention_module(model, i), spec.attn_q, None) is not None]
 
 
-def head_scores(model: nn.Module, score: str, calibration: list[dict] | None = None) -> torch.Tensor:
+def head_scores(model: nn.Module, score: str, calibration: list[dict] | None = None, per: str = "head"
+                ) -> torch.Tensor:
     """(layers, query heads) importance of every query head; higher = keep. Bypassed layers score 0.
 
     - ``weight_norm``: ||W_q rows of the head||^2 + ||W_o columns of the head||^2 (no data);
     - ``output_norm``: mean over real tokens of the L2 norm of what the head writes to the residual stream
       (its slice of the attention output times its W_o columns);
-    - ``taylor``: first-order estimate of the loss change when the head is removed, |sum of grad x weight over
-      its W_o columns|, per calibration batch, summed over batches (padding carries no loss).
+    - ``taylor``: first-order estimate of the loss change when the head is removed (Michel et al. 2019): the
+      gradient of the loss with respect to a gate on the head's output (= the sum of grad x weight over its W_o
+      columns), its absolute value per calibration sequence, summed over sequences (padding carries no loss).
     Layers must hold the same number of query heads (score before removing any).
+
+    ``per="group"``: (layers, K/V groups), the importance of each whole K/V group (for ``lowest_groups``). For
+    the norms it is the sum of the group's query heads (``group_scores``); for ``taylor`` it is the gate
+    gradient of the whole group (the sum of its heads' gate gradients) in absolute value per sequence, which
+    is not the sum of the heads' own scores: two heads whose effects cancel in a sequence make a cheap group.
     """
     if score not in HEAD_SCORES:
         raise ValueError(f"unknown head score {score!r}: use one of {HEAD_SCORES}")
+    if per not in ("head", "group"):
+        raise ValueError(f"per must be 'head' (query heads) or 'group' (K/V groups); got {per!r}")
     layers = _layers_with_heads(model)
     counts = {arch.attention_parts(model, i).n_heads for i in layers}
     if len(counts) > 1:
         raise ValueError("layers hold different numbers of query heads: score the model before removing heads")
     out = torch.zeros(arch.num_layers(model), counts.pop() if counts else 0)
+    if score == "taylor":
+        require_batches(calibration, f"head_scores({score!r})", model)
+        return _taylor(model, layers, calibration, out, per)
+    if per == "group":
+        return group_scores(model, head_scores(model, score, calibration))
     if score == "weight_norm":
         for i in layers:
             parts = arch.attention_parts(model, i)
@@ -88,9 +102,7 @@ def head_scores(model: nn.Module, score: str, calibration: list[dict] | None = N
             out[i] = q.pow(2).sum((1, 2)).cpu() + o.pow(2).sum((0, 2)).cpu()
         return out
     require_batches(calibration, f"head_scores({score!r})", model)
-    if score == "output_norm":
-        return _output_norm(model, layers, calibration, out)
-    return _taylor(model, layers, calibration, out)
+    return _output_norm(model, layers, calibration, out)
 
 
 @torch.no_grad()
@@ -123,31 +135,56 @@ def _output_norm(model: nn.Module, layers: list[int], calibration: list[dict], o
     return (total / max(count, 1.0)).float()
 
 
-def _taylor(model: nn.Module, layers: list[int], calibration: list[dict], out: torch.Tensor) -> torch.Tensor:
-    weights = {i: arch.attention_parts(model, i).o.weight for i in layers}
-    flags = {i: w.requires_grad for i, w in weights.items()}
+def _taylor(model: nn.Module, layers: list[int], calibration: list[dict], out: torch.Tensor, per: str) -> torch.Tensor:
+    """Sum over calibration sequences of |dL/d gate| for a gate multiplying each head's output (Michel et al.);
+    with ``per="group"``, for a gate on each K/V group's heads (the sum of their gate gradients).
+
+    A pre-hook on o_proj scales each sequence's slice of every head by a gate of 1 (the output is unchanged);
+    one backward pass per batch gives every (sequence, head) gate gradient, which equals the sum over the head's
+    W_o columns of gradient x weight from that sequence's tokens. The absolute value is taken per sequence:
+    summed over a batch first, the signs cancel (the loss sits near a minimum) and the ranking is close to random.
+    """
+    if per == "group":
+        parts = arch.attention_parts(model, layers[0]) if layers else None
+        out = torch.zeros(out.shape[0], parts.n_kv_heads if parts else 0)
     total = torch.zeros_like(out, dtype=torch.float64)
+    gates: dict[int, torch.Tensor] = {}
+
+    def hook(index: int, head_dim: int):
+        def fn(module, args):
+            gate = gates[index].repeat_interleave(head_dim, dim=1)[:, None, :]  # (batch, 1, heads * head_dim)
+            return (args[0] * gate.to(args[0].dtype),)
+        return fn
+
+    handles = [arch.attention_parts(model, i).o.register_forward_pre_hook(
+        hook(i, arch.attention_parts(model, i).head_dim)) for i in layers]
+    device = next(model.parameters()).device
     try:
-        for w in weights.values():
-            w.requires_grad_(True)
         for batch in calibration:
             batch = to_device(batch, model)
             labels = batch["input_ids"].masked_fill(batch.get("attention_mask", 1) == 0, -100)
-            for w in weights.values():
-                w.grad = None
-            model(**batch, labels=labels, use_cache=False).loss.backward()
-            for i, w in weights.items():
-                hd = arch.attention_parts(model, i).head_dim
-                total[i] += _head_view((w.grad * w).detach().float(), hd).sum((0, 2)).abs().double().cpu()
+            for i in layers:
+                n_heads = arch.attention_parts(model, i).n_heads
+                gates[i] = torch.ones(batch["input_ids"].shape[0], n_heads, device=device, requires_grad=True)
+            loss = model(**batch, labels=labels, use_cache=False).loss
+            grads = torch.autograd.grad(loss, [gates[i] for i in layers])  # no .grad left on any weight
+            for i, grad in zip(layers, grads, strict=True):
+                if per == "group":  # (batch, heads) -> (batch, groups): query heads of a group are consecutive
+                    grad = grad.reshape(grad.shape[0], total.shape[1], -1).sum(-1)
+                total[i] += grad.abs().sum(0).double().cpu()
     finally:
-        model.zero_grad(set_to_none=True)
-        for i, w in weights.items():
-            w.requires_grad_(flags[i])
+        for handle in handles:
+            handle.remove()
+        gates.clear()
     return total.float()
 
 
 def group_scores(model: nn.Module, per_head: torch.Tensor) -> torch.Tensor:
-    """(layers, K/V groups): the sum of each group's query-head scores (for removing whole groups)."""
+    """(layers, K/V groups): the sum of each group's query-head scores (for removing whole groups).
+
+    Right for the additive norms; for ``taylor`` use ``head_scores(model, "taylor", calibration, per="group")``
+    (a group's gate gradient per sequence is the sum of its heads', and |a + b| is not |a| + |b|).
+    """
     layers = _layers_with_heads(model)
     parts = arch.attention_parts(model, layers[0])
     return per_head.reshape(per_head.shape[0], parts.n_kv_heads, parts.group_size).sum(-1)
