@@ -541,7 +541,7 @@ def test_obs_residuals_equal_a_least_squares_refit_on_the_tokens(family):
 def test_calibrated_curves_pass_through_the_measured_probe():
     model = tiny_model("llama")
     stats, batches = _stats_with_gram(model)
-    curves, residuals = surgery.calibrated_curves(model, stats, batches, grid=GRID, probe_ratio=GRID[1])
+    curves, residuals = surgery.calibrated_curves(model, stats, batches, grid=GRID, probe_ratio=GRID[1], smooth=1)
     assert curves.shape == residuals.shape == (2, len(GRID))
     measured = surgery.layer_sensitivity(model, stats, batches, probe_ratio=GRID[1], refit=True)
     torch.testing.assert_close(curves[:, 1], measured.clamp_min(0))
@@ -555,7 +555,15 @@ def test_calibrated_curves_pass_through_the_measured_probe():
     assert sum(allocation.values()) == pytest.approx(0.2 * 2)
     with pytest.raises(ValueError, match="probe_ratio must be one of"):
         surgery.calibrated_curves(model, stats, batches, grid=GRID, probe_ratio=0.33)
-    reused, _ = surgery.calibrated_curves(model, stats, batches, grid=GRID, probe_ratio=GRID[1], residuals=direct)
+    reused, _ = surgery.calibrated_curves(model, stats, batches, grid=GRID, probe_ratio=GRID[1], residuals=direct,
+                                          smooth=1)
     torch.testing.assert_close(reused, curves)  # precomputed residuals give the same curves
+    # smoothed: each layer's scale is the median of its neighbours' (here both layers: the mean of the two scales)
+    pooled, _ = surgery.calibrated_curves(model, stats, batches, grid=GRID, probe_ratio=GRID[1], residuals=direct,
+                                          smooth=3)
+    scales = measured.double().clamp_min(0) / direct[:, 1].double()
+    torch.testing.assert_close(pooled, (direct.double() * scales.mean()).float())
+    with pytest.raises(ValueError, match="smooth is a number of layers"):
+        surgery.calibrated_curves(model, stats, batches, grid=GRID, probe_ratio=GRID[1], smooth=0)
     with pytest.raises(ValueError, match="residuals must have shape"):
         surgery.calibrated_curves(model, stats, batches, grid=GRID, probe_ratio=GRID[1], residuals=direct[:, :2])
