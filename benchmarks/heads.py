@@ -39,7 +39,7 @@ def main() -> None:
     args, model, tokenizer = run.args, run.base, run.tokenizer
     model.to(run.profile.device)
     calibration = [{k: v[:, :128] for k, v in batch.items()} for batch in run.calibration]
-    taylor = importance.group_scores(model, importance.head_scores(model, "taylor", calibration))
+    taylor = importance.head_scores(model, "taylor", calibration, per="group")
     wanda = importance.stack_scores(model, importance.score_model(model, "wanda_like", calibration))
     influence = importance.block_influence(model, calibration)
     parts = arch.attention_parts(model, 0)

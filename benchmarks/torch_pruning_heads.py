@@ -18,7 +18,7 @@ measured against the course's ``heads.remove_heads`` removing the same structure
   this set-up uses Torch-Pruning's ``DependencyGraph`` directly: per layer, the group rooted at o_proj's input
   channels, scored by the same importance, averaged over each 192-channel K/V group; the lowest group is pruned
   (q/k/v rows and o columns follow through the graph). Course rows: the lowest-Taylor group of each layer
-  (``importance.group_scores``) and random groups (3 seeds).
+  (``importance.head_scores(..., per="group")``) and random groups (3 seeds).
 
 Torch-Pruning importance: ``GroupMagnitudeImportance(p=2)`` (no data) and ``GroupTaylorImportance`` after a
 calibration-loss backward (8 samples x 256 tokens). Checks: equal parameters removed within each set-up; the
@@ -62,7 +62,8 @@ def render(stored: dict) -> str:
              f"the course's (`make tp-venv`). Held-out PPL: the first {stored['tokens_per_document']} tokens of each "
              f"of the 10 held-out articles (`evaluation.perplexity_spread`); paired: mean log-PPL difference to the "
              "course's Taylor row of the same set-up over the articles, +/- its standard error. Prune time: one "
-             "core, scoring included (the course's Taylor scores once, added to each of its Taylor rows).", "",
+             "core, scoring included (the course's Taylor row: per query head in the GQA set-up, per K/V group "
+             "(`head_scores(..., per=\"group\")`) for whole groups).", "",
              "| set-up | method | params removed (M) | PPL (article range) | vs course Taylor | prune s |",
              "|---|---|---|---|---|---|"]
     base = rows["-", "unpruned"]
@@ -247,7 +248,9 @@ def main() -> None:
     start = time.perf_counter()
     per_head = importance.head_scores(model, "taylor", calibration)  # (30, 9)
     taylor_seconds = time.perf_counter() - start
-    per_group = importance.group_scores(model, per_head)  # (30, 3)
+    start = time.perf_counter()
+    per_group = importance.head_scores(model, "taylor", calibration, per="group")  # (30, 3): a gate per group
+    group_seconds = time.perf_counter() - start
     n_layers, n_groups = per_group.shape
     group_size = per_head.shape[1] // n_groups
 
@@ -304,7 +307,7 @@ def main() -> None:
             def random_sel(seed):
                 draw = torch.randint(0, n_groups, (n_layers,), generator=torch.Generator().manual_seed(seed))
                 return heads.group_heads(model, {i: [int(draw[i])] for i in range(n_layers)})
-        m, seconds = course(taylor_sel, taylor_seconds)
+        m, seconds = course(taylor_sel, taylor_seconds if setup == "gqa" else group_seconds)
         measure("course taylor", setup, m, seconds, {"removed": taylor_sel})
         del m
         for seed in range(args.seeds):
