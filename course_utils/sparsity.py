@@ -13,18 +13,26 @@ Scores (higher = keep), each a dict {module name: tensor shaped like the weight}
 with the inverse Hessian of the layer's inputs and updates the remaining weights to absorb each removal
 (the same second-order idea as the course's OBS neuron selection, per weight).
 ``nm=(2, 4)`` asks for 2:4 masks: in every group of 4 consecutive input weights of a row, 2 stay.
+
+Per-layer sparsity: ``damage_curves`` measures what pruning each decoder layer alone costs at several sparsities
+(loss increase on a probe), ``allocate`` turns the curves into per-layer sparsities with the same mean (lesson 03's
+knapsack over the curves), and ``layer_masks`` / ``sparsegpt(..., sparsity=[...])`` prune each layer at its own.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
 from . import arch, hooks, streams
+from .allocation import allocate_from_curves, check_grid
 from .data import require_batches, to_device
 
 SCOPES = ("row", "layer", "global")
+DAMAGE_GRID = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)  # issue 17's allocation probe (results/logs/sparsity_alloc_probe_*)
 
 
 def projections_by_layer(model: nn.Module) -> list[dict[str, nn.Linear]]:
@@ -135,6 +143,88 @@ def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float = 0.5, sc
     return masks
 
 
+def layer_sparsities(model: nn.Module, sparsity: float | Sequence[float]) -> list[float]:
+    """One sparsity per decoder layer: a number for every layer, or a list with one entry per layer (checked)."""
+    n = arch.num_layers(model)
+    values = [sparsity] * n if isinstance(sparsity, (int, float)) else [float(s) for s in sparsity]
+    if len(values) != n:
+        raise ValueError(f"give one sparsity per decoder layer ({n}); got {len(values)}")
+    for value in values:
+        check_sparsity(value, None)
+    return values
+
+
+def layer_masks(model: nn.Module, scores: dict[str, torch.Tensor], sparsity: float | Sequence[float],
+                scope: str = "row") -> dict[str, torch.Tensor]:
+    """``masks_from_scores`` with a sparsity per decoder layer (e.g. from ``allocate``), within rows or matrices."""
+    if scope == "global":
+        raise ValueError("per-layer sparsities need scope 'row' or 'layer'; 'global' draws one threshold for all")
+    masks = {}
+    for layer, share in zip(projections_by_layer(model), layer_sparsities(model, sparsity), strict=True):
+        missing = sorted(set(layer) - set(scores))
+        if missing:
+            raise ValueError(f"no score for {missing[:3]}: scores must come from this model")
+        masks.update(masks_from_scores({n: scores[n] for n in layer}, share, scope))
+    return masks
+
+
+@torch.no_grad()
+def damage_curves(model: nn.Module, scores: dict[str, torch.Tensor], probe: list[dict],
+                  grid: Iterable[float] = DAMAGE_GRID, scope: str = "row") -> torch.Tensor:
+    """(layers, len(grid)): loss increase (nats/token on ``probe``) when layer l alone is pruned to each sparsity.
+
+    Layer l's projections get ``masks_from_scores(scores, s, scope)`` (weights zeroed in place, restored right
+    after: the model ends bit-identical); the loss is computed from the hidden states entering layer l, which are
+    computed once per layer, so the cost is about len(grid) / 2 forward passes of ``probe`` per layer. Use probe
+    batches kept apart from the ones the scores came from. ``allocate`` turns the curves into per-layer sparsities.
+    """
+    grid = check_grid(grid)
+    require_batches(probe, "damage_curves", model)
+    layers = projections_by_layer(model)
+    missing = sorted({n for layer in layers for n in layer} - set(scores))
+    if missing:
+        raise ValueError(f"no score for {missing[:3]}: scores must come from this model")
+    captured = streams.layer_inputs(model, probe)
+    stream, arguments = [h for h, _ in captured], [kw for _, kw in captured]
+    curves = torch.zeros(len(layers), len(grid))
+    for index, (modules, layer) in enumerate(zip(layers, arch.decoder_layers(model), strict=True)):
+        saved = {n: m.weight.detach().clone() for n, m in modules.items()}
+        try:
+            for j, share in enumerate(grid):
+                masks = masks_from_scores({n: scores[n] for n in modules}, share, scope)
+                for n, m in modules.items():
+                    m.weight.mul_(masks[n].to(m.weight.device, m.weight.dtype))
+                curves[index, j] = streams.loss_from(model, index, stream, arguments, probe)
+                for n, m in modules.items():
+                    m.weight.copy_(saved[n])
+        finally:
+            for n, m in modules.items():
+                m.weight.copy_(saved[n])
+        stream = streams.run_layer(layer, stream, arguments)
+    base = streams.loss_from(model, len(layers), stream, arguments, probe)
+    return curves - base
+
+
+def allocate(model: nn.Module, curves: torch.Tensor, sparsity: float, grid: Iterable[float] = DAMAGE_GRID,
+             max_sparsity: float = 0.9) -> list[float]:
+    """Per-layer sparsities with mean ``sparsity`` that minimise the sum of the measured ``damage_curves``.
+
+    ``allocation.allocate_from_curves`` (lesson 03's fractional knapsack over the curves' convex hulls); no layer
+    goes past ``max_sparsity``. The mean of the layers' sparsities is the model's only when every decoder layer
+    has as many projection weights (checked: true of every Llama-family model).
+    """
+    check_sparsity(sparsity, None)
+    sizes = {sum(m.weight.numel() for m in layer.values()) for layer in projections_by_layer(model)}
+    if len(sizes) != 1:
+        raise ValueError(f"decoder layers of unequal size ({sorted(sizes)}): a mean of per-layer sparsities is not "
+                         "the model's; allocate on a model whose layers are alike")
+    if curves.shape[0] != arch.num_layers(model):
+        raise ValueError(f"curves must have one row per decoder layer ({arch.num_layers(model)}); "
+                         f"got {curves.shape[0]}: compute them with damage_curves on this model")
+    shares = allocate_from_curves(curves, sparsity, grid=grid, max_ratio=max_sparsity)
+    return [shares[i] for i in range(len(shares))]
+
+
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     """Re-parametrise each listed weight as weight_orig * weight_mask (``torch.nn.utils.prune``), in place."""
     modules = linear_layers(model)
@@ -206,15 +296,23 @@ def _obs_prune(weight: torch.Tensor, gram: torch.Tensor, sparsity: float, nm: tu
     return w.to(weight.dtype), keep
 
 
-def sparsegpt(model: nn.Module, calibration: list[dict], sparsity: float = 0.5,
+def sparsegpt(model: nn.Module, calibration: list[dict], sparsity: float | Sequence[float] = 0.5,
               nm: tuple[int, int] | None = None, damp: float = 0.01) -> dict[str, torch.Tensor]:
     """Prune every decoder projection with SparseGPT, layer by layer, in place; return the keep-masks.
+
+    ``sparsity``: one share for every layer, or one per decoder layer (e.g. from ``allocate``; not with ``nm``).
 
     Each decoder layer sees the calibration inputs produced by the layers already pruned (sequential, as in
     the paper; ``streams`` runs one layer at a time, so the cost is about two forward passes in all). The updated
     weights are written directly and the masks applied with ``apply_masks``.
     """
-    check_sparsity(sparsity, nm)
+    if nm is not None:
+        check_sparsity(0.5, nm)
+        if not isinstance(sparsity, (int, float)):
+            raise ValueError("N:M fixes every layer's share (n/m): per-layer sparsities apply to unstructured masks")
+        shares = [0.5] * arch.num_layers(model)  # not used by an N:M mask
+    else:
+        shares = layer_sparsities(model, sparsity)
     require_batches(calibration, "sparsegpt", model)
     if any(prune.is_pruned(m) for m in linear_layers(model).values()):
         raise ValueError("the model already carries masks: sparsity.bake(model) first, then run sparsegpt")
@@ -243,7 +341,7 @@ def sparsegpt(model: nn.Module, calibration: list[dict], sparsity: float = 0.5,
                 current[:] = [mask]
                 layer(h, **kw)
         for n, m in modules.items():
-            new, keep = _obs_prune(m.weight, grams[n].to(m.weight.device), sparsity, nm, damp=damp)
+            new, keep = _obs_prune(m.weight, grams[n].to(m.weight.device), shares[index], nm, damp=damp)
             with torch.no_grad():
                 m.weight.copy_(new)
             masks[n] = keep

@@ -125,3 +125,61 @@ def test_sparsegpt_refuses_groups_that_do_not_divide_the_inputs_and_leaves_the_m
     with pytest.raises(ValueError, match="does not divide the input size"):
         sparsity.sparsegpt(model, _calibration(), nm=(1, m))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_damage_curves_match_pruning_one_layer_of_the_whole_model_and_leave_it_unchanged():
+    from course_utils import evaluation
+
+    model = tiny_llama(num_hidden_layers=3)
+    before = copy.deepcopy(model.state_dict())
+    scores = sparsity.wanda_scores(model, _calibration(0))
+    probe = _calibration(1)
+    grid = (0.25, 0.5, 0.75)
+    curves = sparsity.damage_curves(model, scores, probe, grid)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    base = evaluation.calibration_loss(model, probe)
+    layers = sparsity.projections_by_layer(model)
+    for index in (0, 2):
+        for j, share in enumerate(grid):
+            pruned = copy.deepcopy(model)
+            masks = sparsity.masks_from_scores({n: scores[n] for n in layers[index]}, share, "row")
+            sparsity.bake(sparsity.apply_masks(pruned, masks))
+            expected = evaluation.calibration_loss(pruned, probe) - base
+            assert abs(float(curves[index, j]) - expected) < 1e-5, (index, share)
+    assert float(curves[:, -1].sum()) > 0  # 75 % of each layer's weights gone costs the random model something
+
+
+def test_allocate_keeps_the_mean_spares_the_steep_layer_and_layer_masks_follow_it():
+    model = tiny_llama(num_hidden_layers=3)
+    grid = (0.25, 0.5, 0.75)
+    curves = torch.tensor([[0.1, 0.4, 2.0], [0.01, 0.02, 0.05], [0.02, 0.05, 0.1]])
+    shares = sparsity.allocate(model, curves, 0.5, grid, max_sparsity=0.75)
+    assert abs(sum(shares) / 3 - 0.5) < 1e-9
+    assert shares[0] < 0.5 < shares[1]  # the layer whose curve is steep keeps more
+    masks = sparsity.layer_masks(model, sparsity.magnitude_scores(model), shares)
+    for layer, share in zip(sparsity.projections_by_layer(model), shares, strict=True):
+        for name in layer:
+            assert 1 - masks[name].float().mean().item() == pytest.approx(
+                int(share * masks[name].shape[1]) / masks[name].shape[1])
+    with pytest.raises(ValueError, match="one row per decoder layer"):
+        sparsity.allocate(model, curves[:2], 0.5, grid)
+    with pytest.raises(ValueError, match="one sparsity per decoder layer"):
+        sparsity.layer_masks(model, sparsity.magnitude_scores(model), shares[:2])
+    with pytest.raises(ValueError, match="global"):
+        sparsity.layer_masks(model, sparsity.magnitude_scores(model), shares, scope="global")
+
+
+def test_sparsegpt_takes_a_sparsity_per_layer_and_refuses_a_wrong_list_intact():
+    model = tiny_llama(num_hidden_layers=3)
+    shares = [0.25, 0.5, 0.75]
+    pruned = copy.deepcopy(model)
+    sparsity.sparsegpt(pruned, _calibration(), shares)
+    sparsity.bake(pruned)
+    for layer, share in zip(sparsity.projections_by_layer(pruned), shares, strict=True):
+        zeros = sum(int((m.weight == 0).sum()) for m in layer.values()) / sum(m.weight.numel() for m in layer.values())
+        assert abs(zeros - share) < 0.02
+    before = copy.deepcopy(model.state_dict())
+    for bad, kwargs in (([0.5, 0.5], {}), ([0.5, 1.0, 0.5], {}), (shares, {"nm": (2, 4)})):
+        with pytest.raises(ValueError):
+            sparsity.sparsegpt(model, _calibration(), bad, **kwargs)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
