@@ -59,6 +59,7 @@ benchmarks: venv
 	$(BIN)/python benchmarks/bias.py
 	$(BIN)/python benchmarks/heads.py
 	$(BIN)/python benchmarks/sparsity.py
+	$(BIN)/python benchmarks/sparsity_allocation.py
 	$(BIN)/python benchmarks/capstone.py
 
 report: venv

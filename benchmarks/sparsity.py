@@ -71,6 +71,12 @@ def llmc_worker(job_file: str) -> None:
     options = dict(sparsity=job["sparsity"], mask_structure=job["mask_structure"], targets=[LAYERS], ignore=IGNORE)
     if job["method"] == "sparsegpt":
         options |= SGPT
+    options |= job.get("options", {})  # e.g. OWL's sparsity_profile="owl", owl_m, owl_lmbda
+    if options.get("sparsity_profile") == "owl":  # two fixes to llmcompressor 0.14.0.1's OWL: see owl_activations
+        infer = getattr(kind, "_infer_owl_layer_sparsity")  # noqa: B009
+        setattr(kind, "_get_activations", owl_activations)  # noqa: B010 (replaces llmcompressor's method)
+        setattr(kind, "_infer_owl_layer_sparsity",  # noqa: B010
+                lambda self, *a, **k: list(infer(self, *a, **k).values()))
     recipe = kind(**options)
     start = time.perf_counter()
     oneshot(model=model, dataset=dataset, recipe=recipe, pipeline="sequential", batch_size=1,
@@ -86,12 +92,83 @@ def llmc_worker(job_file: str) -> None:
         python=sys.version.split()[0], executable=sys.executable)))
 
 
+def owl_activations(self, model, dataloader, nsamples: int = 128) -> dict:
+    """llmcompressor 0.14.0.1's OWL statistics without its failing calibration call.
+
+    ``_get_activations`` runs ``run_calibration`` from inside the modifier's ``on_initialize``, which raises
+    "Cannot invoke event before initializing" (its lifecycle events are not open yet), so ``sparsity_profile="owl"``
+    fails for Wanda and SparseGPT alike. This replacement computes the same quantity (per Linear input feature,
+    the sum over calibration samples of the sample's L2 norm, divided by ``nsamples`` as llmcompressor does) with
+    plain forward passes; llmcompressor's own ``_infer_owl_layer_sparsity`` then turns it into layer sparsities.
+    Second fix: that method returns a dict {layer name: sparsity}, which ``on_calibration_start`` does not accept
+    (it matches a list, else uses the value as one number: "unsupported operand type(s) for *: 'int' and
+    'dict'"), so the worker hands it on as a list in the layers' order (the same order as its target layers).
+    """
+    from collections import defaultdict
+
+    acts = defaultdict(int)
+
+    def save(name):
+        def fn(_module, args):
+            acts[name] += 1.0 / nsamples * args[0].pow(2).sum(dim=(0, 1)).sqrt()
+        return fn
+
+    handles = [mod.register_forward_pre_hook(save(name)) for name, mod in model.named_modules()
+               if isinstance(mod, torch.nn.Linear) and "lm_head" not in name]
+    try:
+        with torch.no_grad():
+            for batch in dataloader:
+                model(**{k: v.to(model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return acts
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The course side (main venv).
 # --------------------------------------------------------------------------------------------------------------
+def llmc_available(python: str) -> bool:
+    """Whether ``python`` runs and has llmcompressor (its own venv: ``make llmc-venv``)."""
+    if not Path(python).exists():
+        return False
+    probe = subprocess.run([python, "-c", "import llmcompressor"], capture_output=True, text=True)
+    return probe.returncode == 0
+
+
+def run_llmcompressor(python: str, job: dict, out: Path, base, log, log_file):
+    """Run one llmcompressor job (``llmc_worker`` in llmcompressor's venv) and load its weights into a copy of
+    ``base``: (model, result json, wall seconds of the subprocess, command)."""
+    from safetensors.torch import load_model
+
+    out.mkdir()
+    job = dict(job, out=str(out))
+    (out / "job.json").write_text(json.dumps(job))
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH="")
+    env.pop("VIRTUAL_ENV", None)
+    command = [python, str(HERE), "--llmc-worker", str(out / "job.json")]
+    log("$ " + " ".join(command), json.dumps(job))
+    t0 = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=HERE.parent.parent)
+    wall = time.perf_counter() - t0
+    with (out / "worker.log").open("w") as f:
+        f.write(done.stdout + done.stderr)
+    log_file.write(f"--- llmcompressor {out.name} output (last 40 lines) ---\n"
+                   + "\n".join((done.stdout + done.stderr).splitlines()[-40:]) + "\n---\n")
+    if done.returncode:
+        raise SystemExit(f"llmcompressor worker failed ({done.returncode}); see {out / 'worker.log'}:\n"
+                         + (done.stdout + done.stderr)[-3000:])
+    result = json.loads((out / "result.json").read_text())
+    model = copy.deepcopy(base)
+    missing, unexpected = load_model(model, str(out / "model.safetensors"), strict=True)
+    assert not missing and not unexpected, (missing, unexpected)
+    (out / "model.safetensors").unlink()  # 0.5 GB each
+    return model, result, wall, command
+
+
 def main() -> None:
     from report import RESULTS, start_run, write_section
-    from safetensors.torch import load_model
 
     from course_utils import data, evaluation, sparsity
 
@@ -99,10 +176,7 @@ def main() -> None:
                     extra=[("--calib-len", int, 128, "calibration tokens per paragraph (lesson 11: 128)"),
                            ("--llmc-python", str, LLMC_PYTHON, "python of the venv with llmcompressor")])
     args, base, tokenizer, profile = run.args, run.base, run.tokenizer, run.profile
-    probe = subprocess.run([args.llmc_python, "-c", "from importlib.metadata import version; "
-                            "print(version('llmcompressor'))"], capture_output=True, text=True) \
-        if Path(args.llmc_python).exists() else None
-    if probe is None or probe.returncode:  # the stored section stays: `make course` runs on without this comparison
+    if not llmc_available(args.llmc_python):  # the stored section stays: `make course` runs on without this comparison
         print(f"skipped: no llmcompressor at {args.llmc_python}. Its pins (transformers<=5.17) clash with the "
               "course's, so it lives in its own venv: `make llmc-venv` (or set LLMC_PYTHON / pass --llmc-python). "
               "results/sections/55_sparsity.md keeps the last measured comparison, with its date.")
@@ -183,37 +257,15 @@ def main() -> None:
     if not (model_dir / "config.json").exists():  # not loaded from a local directory: hand llmcompressor a copy
         model_dir = work / "base"
         base.save_pretrained(model_dir)
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH="")
-    env.pop("VIRTUAL_ENV", None)
     llmc_meta = {}
 
     def llmcompressor(method: str, pattern: str, propagate_error: bool = True):
         key = f"{method}_{pattern.replace(' %', '').replace(':', 'of')}_{'seq' if propagate_error else 'dense'}"
-        out = work / key
-        out.mkdir()
         job = dict(method=method, sparsity=PATTERNS[pattern]["sparsity"],
                    mask_structure=PATTERNS[pattern]["mask_structure"], calibration=str(work / "calibration.json"),
-                   model=str(model_dir), out=str(out), propagate_error=propagate_error)
-        (out / "job.json").write_text(json.dumps(job))
-        command = [args.llmc_python, str(HERE), "--llmc-worker", str(out / "job.json")]
-        log("$ " + " ".join(command), json.dumps(job))
-        t0 = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=HERE.parent.parent)
-        wall = time.perf_counter() - t0
-        with (out / "worker.log").open("w") as f:
-            f.write(done.stdout + done.stderr)
-        log_file.write(f"--- llmcompressor {key} output (last 40 lines) ---\n"
-                       + "\n".join((done.stdout + done.stderr).splitlines()[-40:]) + "\n---\n")
-        if done.returncode:
-            raise SystemExit(f"llmcompressor worker failed ({done.returncode}); see {out / 'worker.log'}:\n"
-                             + (done.stdout + done.stderr)[-3000:])
-        result = json.loads((out / "result.json").read_text())
+                   model=str(model_dir), propagate_error=propagate_error)
+        model, result, wall, command = run_llmcompressor(args.llmc_python, job, work / key, base, log, log_file)
         llmc_meta.update(versions=result["versions"], python=result["python"], executable=result["executable"])
-        model = copy.deepcopy(base)
-        missing, unexpected = load_model(model, str(out / "model.safetensors"), strict=True)
-        assert not missing and not unexpected, (missing, unexpected)
-        (out / "model.safetensors").unlink()  # 0.5 GB each
         return model, result, wall, command
 
     for pattern in PATTERNS:
