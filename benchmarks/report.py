@@ -70,6 +70,27 @@ def start_run(description: str, calib_samples: int, extra: list[tuple] = ()) -> 
                items=evaluation.lastword_items(profile, n_items=args.lastword_items), calibration=calibration)
 
 
+def dated_log(name: str):
+    """(log, file): ``log(*parts)`` prints a line and appends it, with the seconds since this call, to
+    ``results/logs/<name>_<UTC date>.log``; close ``file`` at the end."""
+    import datetime
+    import time
+
+    started = time.perf_counter()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    path = RESULTS / "logs" / f"{name}_{stamp}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = path.open("w", encoding="utf-8")
+
+    def log(*parts) -> None:
+        text = " ".join(str(p) for p in parts)
+        print(text, flush=True)
+        file.write(f"[{time.perf_counter() - started:7.1f} s] {text}\n")
+        file.flush()
+
+    return log, file
+
+
 def machine_line() -> str:
     """Platform, cores, torch version and device: the context every number needs."""
     import torch

@@ -26,7 +26,6 @@ job.json``.
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 import math
 import os
@@ -168,7 +167,7 @@ def run_llmcompressor(python: str, job: dict, out: Path, base, log, log_file):
 
 
 def main() -> None:
-    from report import RESULTS, start_run, write_section
+    from report import RESULTS, dated_log, start_run, write_section
 
     from course_utils import data, evaluation, sparsity
 
@@ -183,16 +182,7 @@ def main() -> None:
         return
     base.to("cpu")
     started = time.perf_counter()
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    log_path = RESULTS / "logs" / f"sparsity_{stamp}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = log_path.open("w", encoding="utf-8")
-
-    def log(*parts) -> None:
-        text = " ".join(str(p) for p in parts)
-        print(text, flush=True)
-        log_file.write(f"[{time.perf_counter() - started:7.1f} s] {text}\n")
-        log_file.flush()
+    log, log_file = dated_log("sparsity")
 
     # the lesson's calibration set: data.calibration_batches(..., n_samples=16, seq_len=128), seed 0
     calibration = data.calibration_batches(tokenizer, data.load_texts("calibration", profile),

@@ -24,7 +24,6 @@ Run: ``python benchmarks/sparsity_allocation.py [--targets 0.5,0.6,0.7] [--probe
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 import random
 import shutil
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from report import RESULTS, measured_line, start_run, write_section
+from report import RESULTS, dated_log, measured_line, start_run, write_section
 from sparsity import LLMC_PYTHON, llmc_available, paired, run_llmcompressor
 
 TITLE = "Per-layer sparsity from measured damage curves (lesson 11)"
@@ -57,15 +56,7 @@ def main() -> None:
     targets = [float(t) for t in args.targets.split(",")]
     base.to("cpu")
     started = time.perf_counter()
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    log_path = RESULTS / "logs" / f"sparsity_allocation_{stamp}.log"
-    log_file = log_path.open("w", encoding="utf-8")
-
-    def log(*parts) -> None:
-        text = " ".join(str(p) for p in parts)
-        print(text, flush=True)
-        log_file.write(f"[{time.perf_counter() - started:7.1f} s] {text}\n")
-        log_file.flush()
+    log, log_file = dated_log("sparsity_allocation")
 
     texts = data.load_texts("calibration", profile)
     calibration = data.calibration_batches(tokenizer, texts, n_samples=args.calib_samples, seq_len=args.calib_len)
