@@ -79,6 +79,8 @@ def main() -> None:
         raise SystemExit(f"--only takes 'fast' or nothing; got {args.only!r}")
     fast_sizes = [int(n) for n in args.fast_calib.split(",")]
     news = data.load_texts("news", run.profile)
+    documents = data.load_documents("evaluation", run.profile)  # the ten held-out articles, scored one by one
+    per_doc = args.eval_tokens // len(documents)
     stamp = now()
 
     def measure(model, name, ratio, seconds, speed=False, **extra) -> dict:
@@ -87,9 +89,12 @@ def main() -> None:
                    news_ppl=evaluation.perplexity(model, tokenizer, news, max_tokens=args.eval_tokens),
                    lastword=evaluation.last_word_accuracy(model, tokenizer, items), prune_s=seconds,
                    measured=stamp, **extra)
+        spread = evaluation.perplexity_spread(model, tokenizer, documents, tokens_per_document=per_doc)
+        row |= dict(ppl10=spread.ppl, nll10=spread.nll, per_document10=spread.per_document, tokens10=spread.tokens)
         if speed:
             row["decode_tok_s"] = evaluation.latency(model, tokenizer, runs=3).decode_tok_s
-        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "steps"}, flush=True)
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()
+               if k != "steps" and not isinstance(v, list)}, flush=True)
         return row
 
     stored = json.loads((RESULTS / "width.json").read_text()) if args.only else {}
@@ -191,6 +196,12 @@ def render(rows: list[dict], args, allocations: dict[str, list[float]]) -> str:
              f"number of tokens of the Lee news corpus, never used for calibration), {args.lastword_items} last-word "
              f"items; OptiPFair and the exact recipe calibrate on {args.calib_samples} paragraphs x 256 tokens "
              "from the calibration articles. Decode speed: batch 1, KV cache, median of 3 runs.", "",
+             f"Two in-domain perplexities: **PPL** scores the first {args.eval_tokens:,} tokens of the held-out "
+             "stream, which is mostly its first article (\"Azerbaijan\", 15,094 tokens); **PPL, ten articles** scores "
+             f"the first {args.eval_tokens // 10:,} tokens of each of the ten held-out articles "
+             "(`evaluation.perplexity_spread`, the protocol of the lessons and the other benchmarks; paired "
+             "differences over the articles), measured for the rows run since 2026-12-05 (unpruned, fast recipes, "
+             "OptiPFair). The in-domain targets are checked on the ten articles where both rows have them.", "",
              "Rows measured " + " and ".join(stamps) + ": the exact recipe and the importance methods "
              f"({pick(COURSE, RATIOS[0])['measured']}) are read from the stored results when the script runs with "
              "`--only fast`; the unpruned model, the fast recipes and OptiPFair always run together, so their "
@@ -204,56 +215,76 @@ def render(rows: list[dict], args, allocations: dict[str, list[float]]) -> str:
              "or sequential on the pruned model's activations). The exact recipe measures the damage at all "
              f"{len(surgery.CURVE_GRID)} grid ratios on {PROBE['n_samples']} x {PROBE['seq_len']} tokens "
              "(`surgery.damage_curves`).", "",
-             f"Unpruned: {base['params'] / 1e6:.1f} M params, PPL {base['ppl']:.2f}, news PPL {base['news_ppl']:.2f}, "
+             f"Unpruned: {base['params'] / 1e6:.1f} M params, PPL {base['ppl']:.2f}, PPL over the ten articles "
+             f"{cell(base.get('ppl10'))}, news PPL {base['news_ppl']:.2f}, "
              f"last-word {base['lastword']:.3f}, decode {base['decode_tok_s']:.1f} tok/s.", ""]
     for ratio in RATIOS:
         lines += [f"**{ratio:.0%} of MLP neurons removed**", "",
-                  "| method | params (M) | PPL | PPL increase | news PPL | last-word acc | prune time (s) "
-                  "| decode vs base |", "|---|---|---|---|---|---|---|---|"]
+                  "| method | params (M) | PPL | PPL increase | PPL, ten articles | news PPL | last-word acc "
+                  "| prune time (s) | decode vs base |", "|---|---|---|---|---|---|---|---|---|"]
         for row in (r for r in rows if r["ratio"] == ratio):
             speed = f"{row['decode_tok_s'] / base['decode_tok_s']:.2f}x" if "decode_tok_s" in row else "-"
             lines.append(f"| {row['method']} | {row['params'] / 1e6:.1f} | {row['ppl']:.2f} | "
-                         f"+{row['ppl'] - base['ppl']:.2f} | {cell(row.get('news_ppl'))} | {row['lastword']:.3f} | "
+                         f"+{row['ppl'] - base['ppl']:.2f} | {cell(row.get('ppl10'))} | {cell(row.get('news_ppl'))} | "
+                         f"{row['lastword']:.3f} | "
                          f"{row['prune_s']:.1f} | {speed} |")
         lines.append("")
-    lines += ["**Targets: the default recipe's PPL increase at most half of OptiPFair's hybrid, in domain and on news, "
-              "and its whole prune time at most 2x OptiPFair's (same run)**", "",
-              "| ratio | default increase | OptiPFair increase | ratio | news: default | news: OptiPFair | ratio "
-              "| default time (s) | OptiPFair time (s) | time ratio | exact recipe: ratio of increases | met |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def in_domain(ours, theirs):
+        """(ratio of in-domain PPL increases to OptiPFair's, paired log-PPL difference +/- se or None): on the ten
+        articles when both rows have them, else on the first tokens of the stream."""
+        if "ppl10" in ours and "ppl10" in theirs and "ppl10" in base:
+            diffs = [a - b for a, b in zip(ours["nll10"], theirs["nll10"], strict=True)]
+            mean = sum(diffs) / len(diffs)
+            se = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+            return (ours["ppl10"] - base["ppl10"]) / (theirs["ppl10"] - base["ppl10"]), (mean, se)
+        return (ours["ppl"] - base["ppl"]) / (theirs["ppl"] - base["ppl"]), None
+
+    lines += ["**Targets: the default recipe's PPL increase at most half of OptiPFair's hybrid, in domain (ten "
+              "articles) and on news, and its whole prune time at most 2x OptiPFair's (same run)**", "",
+              "| ratio | default increase | OptiPFair increase | ratio | ten articles: ratio | paired log-PPL, "
+              "default - OptiPFair | news: default | news: OptiPFair | ratio | default time (s) | OptiPFair time (s) "
+              "| time ratio | exact recipe: ratio of increases | met |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for ratio in RATIOS:
         ours, theirs, exact = pick(default, ratio), pick(OPTIPFAIR, ratio), pick(COURSE, ratio)
         up = ours["ppl"] - base["ppl"], theirs["ppl"] - base["ppl"]
+        ten, pair = in_domain(ours, theirs)
         news = ours["news_ppl"] - base["news_ppl"], theirs["news_ppl"] - base["news_ppl"]
         times = ours["prune_s"], theirs["prune_s"]
-        met = up[0] <= up[1] / 2 and news[0] <= news[1] / 2 and times[0] <= 2 * times[1]
-        lines.append(f"| {ratio:.0%} | +{up[0]:.2f} | +{up[1]:.2f} | {up[0] / up[1]:.3f} | +{news[0]:.2f} | "
-                     f"+{news[1]:.2f} | {news[0] / news[1]:.3f} | {times[0]:.0f} | {times[1]:.0f} | "
+        met = ten <= 0.5 and news[0] <= news[1] / 2 and times[0] <= 2 * times[1]
+        lines.append(f"| {ratio:.0%} | +{up[0]:.2f} | +{up[1]:.2f} | {up[0] / up[1]:.3f} | {ten:.3f} | "
+                     + ("-" if pair is None else f"{pair[0]:+.3f} +/- {pair[1]:.3f}") + " | "
+                     f"+{news[0]:.2f} | +{news[1]:.2f} | {news[0] / news[1]:.3f} | {times[0]:.0f} | {times[1]:.0f} | "
                      f"{times[0] / times[1]:.2f} | {(exact['ppl'] - base['ppl']) / up[1]:.2f} | "
                      f"{'yes' if met else 'no'} |")
     lines += ["", "**Every fast recipe against the same targets** (ratios of PPL increases to OptiPFair's at 10 / 20 / "
               "40 %; time: whole prune time / OptiPFair's)", "",
-              "| recipe | in domain | news | time | all met |", "|---|---|---|---|---|"]
+              "| recipe | in domain (stream) | in domain (ten articles) | news | time | all met |",
+              "|---|---|---|---|---|---|"]
     worst = {}
     for name in dict.fromkeys(r["method"] for r in rows if "steps" in r):
-        ins, outs, clock = [], [], []
+        ins, tens, outs, clock = [], [], [], []
         for ratio in RATIOS:
             ours, theirs = pick(name, ratio), pick(OPTIPFAIR, ratio)
             ins.append((ours["ppl"] - base["ppl"]) / (theirs["ppl"] - base["ppl"]))
+            tens.append(in_domain(ours, theirs)[0])
             outs.append((ours["news_ppl"] - base["news_ppl"]) / (theirs["news_ppl"] - base["news_ppl"]))
             clock.append(ours["prune_s"] / theirs["prune_s"])
-        met = max(ins) <= 0.5 and max(outs) <= 0.5 and max(clock) <= 2
-        lines.append(f"| {name} | {' / '.join(f'{v:.3f}' for v in ins)} | {' / '.join(f'{v:.3f}' for v in outs)} | "
+        met = max(tens) <= 0.5 and max(outs) <= 0.5 and max(clock) <= 2
+        lines.append(f"| {name} | {' / '.join(f'{v:.3f}' for v in ins)} | {' / '.join(f'{v:.3f}' for v in tens)} | "
+                     f"{' / '.join(f'{v:.3f}' for v in outs)} | "
                      f"{' / '.join(f'{v:.2f}' for v in clock)} | {'yes' if met else 'no'} |")
-        worst[name] = (max(ins), max(outs), met)
+        worst[name] = (max(tens), max(outs), met)
     passing = [n for n, (_, _, ok) in worst.items() if ok]
-    in_domain = max(w[0] for n, w in worst.items() if "one pass" in n)
-    lines += ["", f"In domain every one-pass recipe keeps at most {in_domain:.2f} of OptiPFair's increase; on news "
-              f"each recipe's worst ratio lies between {min(w[1] for w in worst.values()):.3f} and "
-              f"{max(w[1] for w in worst.values()):.3f}, so the out-of-domain target is the binding one, and "
-              f"{len(passing)} of the {len(worst)} fast recipes meet every target in this run. The default's "
-              "calibration size was chosen after this run (the smallest of the sizes run that met every target "
-              "here), so its news margin is not an independent confirmation."]
+    worst_in = max(w[0] for n, w in worst.items() if "one pass" in n)
+    lines += ["", f"On the ten articles every one-pass recipe keeps at most {worst_in:.3f} of OptiPFair's increase; "
+              f"on news each recipe's worst ratio lies between {min(w[1] for w in worst.values()):.3f} and "
+              f"{max(w[1] for w in worst.values()):.3f}; {len(passing)} of the {len(worst)} fast recipes meet every "
+              "target in this run. The default's calibration size (128) was chosen after the run of 2026-12-05 01:08 "
+              "UTC, from its stream and news columns. On validation text (calibration-split articles, and gensim's "
+              "Usenet posts as a second out-of-domain text) the default kept 0.51-0.53 of OptiPFair's increase in "
+              "domain at 10-20 % and 0.68-0.72 on the posts, and neither the refit's ridge nor the calibration size "
+              "changed that (`results/logs/width_ood_probe_2026-12-05/NOTES.md`)."]
     lines += ["", "**What each step of the fast recipe costs** (seconds, this run; selection + refit averaged over "
               "the three ratios)", "",
               "| recipe | statistics | residual curves | probe | selection + refit | total at 20 % |",
