@@ -114,6 +114,22 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(out_f, in_f)
 
 
+def drop_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask of a (rows, n) tensor with exactly the ``k`` lowest scores of every row set False.
+
+    Ties at the threshold go in index order, so the count is exact even on weights from a quantization grid
+    (the offline SmolLM2's magnitudes repeat), and the result is deterministic. One ``kthvalue`` per row and
+    a few element-wise passes: several times faster than sorting every row.
+    """
+    if k <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = scores.kthvalue(k, dim=1, keepdim=True).values  # (rows, 1): the k-th lowest score
+    below = scores < threshold
+    tied = scores == threshold
+    still = k - below.sum(dim=1, keepdim=True)  # how many of the tied ones must go as well
+    return ~(below | (tied & (tied.cumsum(dim=1) <= still)))
+
+
 def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float = 0.5, scope: str = "row",
                       nm: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Boolean keep-masks: the lowest-scoring ``sparsity`` share goes, within each row, matrix, or model-wide."""
@@ -124,22 +140,18 @@ def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float = 0.5, sc
         return {name: nm_mask(s, *nm) for name, s in scores.items()}
     if scope == "global":
         flat = torch.cat([s.flatten().cpu() for s in scores.values()])
-        k = int(sparsity * flat.numel())
-        threshold = flat.kthvalue(k).values if k else flat.min() - 1
-        return {name: s > threshold.to(s.device) for name, s in scores.items()}
+        keep = drop_lowest(flat[None], int(sparsity * flat.numel()))[0]
+        masks, start = {}, 0
+        for name, s in scores.items():
+            masks[name] = keep[start:start + s.numel()].reshape(s.shape).to(s.device)
+            start += s.numel()
+        return masks
     masks = {}
     for name, s in scores.items():
         if scope == "row":
-            k = int(sparsity * s.shape[1])
-            drop = s.argsort(dim=1)[:, :k]
-            mask = torch.ones_like(s, dtype=torch.bool)
-            mask.scatter_(1, drop, False)
+            masks[name] = drop_lowest(s, int(sparsity * s.shape[1]))
         else:
-            k = int(sparsity * s.numel())
-            mask = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
-            mask[s.flatten().argsort()[:k]] = False
-            mask = mask.reshape(s.shape)
-        masks[name] = mask
+            masks[name] = drop_lowest(s.reshape(1, -1), int(sparsity * s.numel())).reshape(s.shape)
     return masks
 
 

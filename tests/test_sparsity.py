@@ -183,3 +183,22 @@ def test_sparsegpt_takes_a_sparsity_per_layer_and_refuses_a_wrong_list_intact():
         with pytest.raises(ValueError):
             sparsity.sparsegpt(model, _calibration(), bad, **kwargs)
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_drop_lowest_matches_a_stable_sort_even_with_many_ties():
+    """The kthvalue shortcut drops exactly what a stable sort would: the k lowest, ties in index order."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (7, 40), generator=g).float()  # five values: ties everywhere
+    for k in (0, 1, 13, 20, 39, 40):
+        by_sort = torch.ones_like(scores, dtype=torch.bool)
+        by_sort.scatter_(1, scores.argsort(dim=1, stable=True)[:, :k], False)
+        assert torch.equal(sparsity.drop_lowest(scores, k), by_sort)
+    weights = {"a": torch.randint(0, 3, (6, 8), generator=g).float(),
+               "b": torch.randint(0, 3, (4, 8), generator=g).float()}
+    row, layer, flat = (sparsity.masks_from_scores(weights, 0.5, scope) for scope in ("row", "layer", "global"))
+    assert all(bool(((~m).sum(1) == 4).all()) for m in row.values())  # exactly half of every row, ties or not
+    assert [int((~m).sum()) for m in layer.values()] == [24, 16]
+    everything = torch.cat([w.flatten() for w in weights.values()])
+    expected = torch.ones_like(everything, dtype=torch.bool)
+    expected[everything.argsort(stable=True)[:40]] = False  # 40 of the 80 weights, model-wide
+    assert torch.equal(torch.cat([m.flatten() for m in flat.values()]), expected)
