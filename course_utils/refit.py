@@ -155,7 +155,8 @@ def obs_remove(weight: torch.Tensor, inverse: torch.Tensor, width: int, n_keep: 
 
 @torch.no_grad()
 def sequential_obs(model: nn.Module, ratios: dict[int, float], calibration: list[dict], multiple_of: int = 1,
-                   chunk: int = 32, hessian_damp: float = 1e-3, shrink_to_slice: float = 0.1
+                   chunk: int = 32, hessian_damp: float = 1e-3, shrink_to_slice: float = 0.1,
+                   reference: list[list[torch.Tensor]] | None = None
                    ) -> tuple[dict[int, torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
     """OBS selection and refit layer by layer, each layer seeing the hidden states of the model pruned so far.
 
@@ -168,23 +169,34 @@ def sequential_obs(model: nn.Module, ratios: dict[int, float], calibration: list
     columns and a bias are refitted (pulled towards the original columns by ``shrink_to_slice``), and the
     pruned stream moves on. Returns ({layer: kept indices}, {layer: (weight, bias)}) for
     ``surgery.remove_mlp_neurons(model, keep, outputs=...)``. Cost: about two forward passes over the
-    calibration batches, plus one (width + 1)^2 Gram matrix per layer.
+    calibration batches (one while no layer is pruned yet), plus one (width + 1)^2 Gram matrix per pruned layer.
+    ``reference``: the unpruned model's decoder-layer outputs on these batches, recorded during an earlier pass
+    (``streams.recording_outputs``, e.g. around ``importance.collect_stats``): the unpruned stream is then read,
+    not run, and the cost falls to about one pass.
     """
     multiple_of = check_multiple_of(multiple_of)
     require_batches(calibration, "sequential_obs", model)
     layers = arch.decoder_layers(model)
     per_layer = per_layer_ratios(ratios, range(len(layers)))
-    reference, pruned, arguments, masks = streams.two_streams(model, calibration)
+    unpruned, pruned, arguments, masks = streams.two_streams(model, calibration)
+    if reference is not None:
+        streams.check_reference(reference, unpruned, len(layers))
     keep_by_layer, outputs = {}, {}
     for index, layer in enumerate(layers):
         width = arch.mlp_parts(model, index).width
         n_keep = kept_width(width, per_layer[index], multiple_of)
-        reference = streams.run_layer(layer, reference, arguments)
+        if reference is not None:
+            unpruned = [out.to(h.device, h.dtype) for out, h in zip(reference[index], unpruned, strict=True)]
+        else:
+            unpruned = streams.run_layer(layer, unpruned, arguments)
+        if not keep_by_layer and n_keep >= width:  # nothing pruned yet: the two streams are still one
+            pruned = unpruned
+            continue
         outs, activations, mids = streams.run_tapped(model, index, pruned, arguments)
         if n_keep >= width:
             pruned = outs
             continue
-        gram, cross = streams.output_moments(activations, mids, reference, masks)
+        gram, cross = streams.output_moments(activations, mids, unpruned, masks)
         out = arch.mlp_parts(model, index).output
         weight = projections.weight_out_in(out).double().cpu()
         bias = out.bias.detach().double().cpu() if out.bias is not None else torch.zeros(weight.shape[0],

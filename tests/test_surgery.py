@@ -430,6 +430,43 @@ def test_sequential_obs_needs_calibration_and_checks_outputs():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_sequential_obs_with_recorded_reference_equals_running_it(family):
+    """Outputs recorded during the statistics pass replace the unpruned stream: the same cut, the same weights."""
+    from course_utils import importance, streams
+
+    batches = _stats_with_gram(tiny_model(family))[1]
+    allocation = {0: 0.0, 1: 0.5}  # layer 0 whole: the two streams stay one until layer 1
+    run, read = tiny_model(family), tiny_model(family)
+    surgery.prune_mlp(run, 0.25, method="obs_sequential", calibration=batches, allocation=allocation)
+    with streams.recording_outputs(read) as reference:
+        importance.collect_stats(read, batches, gram=True)
+    assert len(reference) == 2 and all(len(r) == len(batches) for r in reference)
+    surgery.prune_mlp(read, 0.25, method="obs_sequential", calibration=batches, allocation=allocation,
+                      reference=reference)
+    assert arch.mlp_parts(read, 1).width == arch.mlp_parts(run, 1).width
+    torch.testing.assert_close(snapshot(read), snapshot(run), rtol=1e-5, atol=1e-6)
+
+
+def test_a_reference_from_other_batches_or_for_another_selection_is_refused_intact():
+    from course_utils import streams
+
+    model = tiny_model("llama")
+    batches = _stats_with_gram(model)[1]
+    before = snapshot(model)
+    with streams.recording_outputs(model) as reference, torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    with pytest.raises(ValueError, match="record them with streams.recording_outputs"):
+        surgery.prune_mlp(model, 0.5, method="obs_sequential", calibration=batches + batches, reference=reference)
+    short = [[out[:, :4] for out in layer] for layer in reference]
+    with pytest.raises(ValueError, match="same calibration batches"):
+        surgery.prune_mlp(model, 0.5, method="obs_sequential", calibration=batches, reference=short)
+    with pytest.raises(ValueError, match="obs_sequential' only"):
+        surgery.prune_mlp(model, 0.5, method="obs", calibration=batches, reference=reference)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_layer_sensitivity_refit_probe_matches_real_surgery(family):
     """The refit probe measures exactly what cutting that layer's weakest half and refitting it costs."""
     from course_utils import evaluation, hooks, importance

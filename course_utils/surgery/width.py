@@ -142,7 +142,8 @@ def _split_method(method: str | None, score: str | None, selection: str) -> tupl
 def prune_mlp(model: nn.Module, ratio: float, *, score: str | None = None, selection: str = "top",
               method: str | None = None, calibration: list[dict] | None = None, protect: Iterable[int] = (),
               multiple_of: int = 1, allocation: str | dict[int, float] = "uniform", refit: bool | None = None,
-              power: float = 2.0, stats: dict[int, TokenStats] | None = None) -> PruneReport:
+              power: float = 2.0, stats: dict[int, TokenStats] | None = None,
+              reference: list[list[torch.Tensor]] | None = None) -> PruneReport:
     """Remove MLP neurons in place: ``ratio`` of them on average.
 
     - ``score``: a name from ``importance.METHODS`` (default ``"max_abs"``); with ``selection="top"`` the
@@ -160,6 +161,9 @@ def prune_mlp(model: nn.Module, ratio: float, *, score: str | None = None, selec
       default: on for the OBS selections, off for ``"top"``.
     - ``stats``: activation statistics already collected on this model (``importance.collect_stats``, with
       ``gram=True`` for refit/OBS/sensitivity) to skip the calibration pass.
+    - ``reference``: ``"obs_sequential"`` only: the unpruned model's decoder-layer outputs on ``calibration``,
+      recorded during the statistics pass (``with streams.recording_outputs(model) as reference:
+      stats = importance.collect_stats(model, calibration, gram=True)``); saves one of its two passes.
     Everything is validated before the model changes; a ``ValueError`` leaves it untouched.
     """
     arch.get_spec(model)
@@ -177,6 +181,9 @@ def prune_mlp(model: nn.Module, ratio: float, *, score: str | None = None, selec
     if selection == "obs_sequential" and not calibration:
         raise ValueError("selection 'obs_sequential' runs the calibration tokens through the model layer by layer: "
                          "pass calibration=data.calibration_batches(...) (stats alone are not enough)")
+    if reference is not None and selection != "obs_sequential":
+        raise ValueError(f"reference (the unpruned model's recorded layer outputs) serves selection "
+                         f"'obs_sequential' only; got selection {selection!r}: leave reference out")
     if selection == "top" and stats is None:
         importance.check_calibration(score, calibration)
     protect = tuple(arch.check_layer_index(model, i) for i in protect)
@@ -206,7 +213,7 @@ def prune_mlp(model: nn.Module, ratio: float, *, score: str | None = None, selec
     ratios = {i: (0.0 if i in protect else r) for i, r in ratios.items()}
     outputs = None
     if selection == "obs_sequential":
-        keep, outputs = sequential_obs(model, ratios, calibration, multiple_of=multiple_of)
+        keep, outputs = sequential_obs(model, ratios, calibration, multiple_of=multiple_of, reference=reference)
     elif selection == "obs":
         keep = {}
         for i in range(n):
