@@ -196,7 +196,7 @@ def sequential_obs(model: nn.Module, ratios: dict[int, float], calibration: list
         if n_keep >= width:
             pruned = outs
             continue
-        gram, cross = streams.output_moments(activations, mids, unpruned, masks)
+        gram, cross = streams.output_moments(activations, mids, unpruned, masks, block_dtype=torch.float32)
         out = arch.mlp_parts(model, index).output
         weight = projections.weight_out_in(out).double().cpu()
         bias = out.bias.detach().double().cpu() if out.bias is not None else torch.zeros(weight.shape[0],
