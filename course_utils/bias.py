@@ -33,6 +33,7 @@ from torch import nn
 
 from . import hooks
 from .data import to_device
+from .evaluation import continuation_logprob, pad_id, padded_batches
 
 
 @dataclass
@@ -91,23 +92,6 @@ def aligned_positions(ids_a: list[int], ids_b: list[int]) -> tuple[list[int], li
     return list(range(len(ids_a) - n, len(ids_a))), list(range(len(ids_b) - n, len(ids_b)))
 
 
-def _batches(sequences: list[list[int]], batch_size: int, pad_id: int):
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, sequence in enumerate(chunk):
-            ids[row, :len(sequence)] = torch.tensor(sequence)
-            mask[row, :len(sequence)] = 1
-        yield {"input_ids": ids, "attention_mask": mask}
-
-
-def _pad_id(model: nn.Module) -> int:
-    pad = getattr(model.config, "pad_token_id", None)
-    return 0 if pad is None else int(pad)
-
-
 def _check_encoded(model: nn.Module, encoded: list[tuple[list[int], list[int]]]) -> list[list[int]]:
     if not encoded:
         raise ValueError("no pairs: pass encode_pairs(tokenizer, bias_pairs.load(...))")
@@ -134,7 +118,7 @@ def measure_pairs(model: nn.Module, encoded: list[tuple[list[int], list[int]]], 
     positions = [p for a, b in encoded for p in aligned_positions(a, b)]
     last = []
     with SITES[site](model, layers=layers, keep=True) as tap:
-        for batch in _batches(sequences, batch_size, _pad_id(model)):
+        for batch in padded_batches(sequences, batch_size, pad_id(model)):
             tap.set_mask(batch["attention_mask"])
             batch = to_device(batch, model)
             ends = batch["attention_mask"].sum(1) - 1  # right padding: the last real token of each row
@@ -219,29 +203,6 @@ def encode_continuations(tokenizer, pairs: list[dict]) -> list[tuple[list[int], 
     if not encoded:
         raise ValueError("no pair has continuations: use the held-out gender and age pairs of bias_pairs.load")
     return encoded
-
-
-@torch.no_grad()
-def continuation_logprob(model: nn.Module, items: list[tuple[list[int], list[int]]], batch_size: int = 32
-                         ) -> torch.Tensor:
-    """(items,): log p(continuation | context) in nats, summed over the continuation's tokens."""
-    if not items or any(not context or not continuation for context, continuation in items):
-        raise ValueError("every item needs a non-empty context and continuation")
-    order = sorted(range(len(items)), key=lambda i: (len(items[i][0]), len(items[i][1])))  # similar rows batch
-    sequences = [list(items[i][0]) + list(items[i][1]) for i in order]
-    scores = torch.empty(len(items))
-    for start, batch in zip(range(0, len(items), batch_size), _batches(sequences, batch_size, _pad_id(model)),
-                            strict=True):
-        rows = order[start:start + batch_size]
-        width = max(len(items[i][1]) for i in rows)
-        # position t predicts token t + 1: the continuation is predicted from len(context) - 1 on
-        at = torch.tensor([[len(items[i][0]) - 1 + min(k, len(items[i][1]) - 1) for k in range(width)] for i in rows])
-        targets = batch["input_ids"].gather(1, at + 1)
-        logits = model(**to_device(batch, model), use_cache=False, logits_to_keep=to_device(at, model)).logits
-        picked = F.log_softmax(logits.float(), dim=-1).cpu().gather(-1, targets[..., None])[..., 0]
-        for row, i in enumerate(rows):
-            scores[i] = picked[row, :len(items[i][1])].sum()  # positions past a shorter continuation repeat its last
-    return scores
 
 
 def stereotype_preference(model: nn.Module, encoded: list[tuple[list[int], ...]], batch_size: int = 32

@@ -215,6 +215,10 @@ class RouterCalibration:
     skip_per_band: list[int]  # attention sub-layers skipped in each band (simplest band first)
     tolerance: float  # allowed calibration loss increase per band (nats/token) that set skip_per_band
     measured: dict = field(default_factory=dict)  # loss increase per band and skip count, for the record
+    target: str = "prompt"  # what the loss was measured on: the prompt's own tokens or its continuation
+    measured_se: dict = field(default_factory=dict)  # standard error over the band's prompts (continuation only)
+    halves: list = field(default_factory=list)  # the table measured on alternate halves of each band's prompts
+    prompts_per_band: list = field(default_factory=list)
     version: int = CALIBRATION_VERSION
 
     def save(self, path: str | Path) -> Path:
@@ -287,7 +291,9 @@ class AdaptiveBypass:
     @torch.no_grad()
     def calibrate(cls, model: nn.Module, tokenizer, prompts: list[str], order: list[int],
                   n_bands: int = 3, tolerance: float = 0.15, skip_grid: Iterable[int] = range(0, 13, 2),
-                  weights: tuple[float, float] = (0.5, 0.5), model_name: str | None = None) -> AdaptiveBypass:
+                  weights: tuple[float, float] = (0.5, 0.5), model_name: str | None = None,
+                  continuations: list[str] | None = None, continuation_tokens: int = 32,
+                  batch_size: int = 16) -> AdaptiveBypass:
         """Fit the router on calibration prompts.
 
         ``model_name`` is recorded in the calibration file (default: the config's ``name_or_path``, which
@@ -296,12 +302,27 @@ class AdaptiveBypass:
         Bands split the prompts' complexity at equal quantiles. In each band, the skip count is the largest
         ``k`` in ``skip_grid`` whose loss increase (skipping ``order[:k]``, measured on that band's prompts)
         stays within ``tolerance`` nats/token; the counts are then made non-increasing with complexity.
+
+        What the loss is measured on:
+        - ``continuations`` given (one text per prompt, e.g. the rest of its paragraph from ``cut_prompts``): the
+          mean loss on the first ``continuation_tokens`` tokens of each continuation given its prompt, averaged over
+          the band's prompts with equal weight. Every prompt brings the same number of tokens, so short prompts are
+          measured as precisely as long ones, and it is the quantity a router is judged on. The calibration also
+          records each cell's standard error over the band's prompts (``measured_se``) and the table measured on
+          alternate halves of each band's prompts (``halves``): if the halves give different plans, calibrate on
+          more prompts.
+        - otherwise: the loss on the prompts' own tokens (a few tokens for a short prompt: a noisy row).
         """
         if len(prompts) < 2 * n_bands:
             raise ValueError(f"need at least {2 * n_bands} calibration prompts for {n_bands} bands; got {len(prompts)}")
         if not order:
             raise ValueError("order is empty: pass the attention layers to skip, least important first "
                              "(bypass.choose_bypass(model, calibration, n))")
+        if continuations is not None and len(continuations) != len(prompts):
+            raise ValueError(f"continuations must give one text per prompt: {len(continuations)} for "
+                             f"{len(prompts)} prompts (bypass.cut_prompts returns (prompt, rest) pairs)")
+        if continuation_tokens < 1:
+            raise ValueError(f"continuation_tokens must be >= 1; got {continuation_tokens}")
         grid = sorted({int(k) for k in skip_grid if 0 <= k <= len(order)})
         encoded = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p in prompts]
         feats = [prompt_features(model, ids) for ids in encoded]
@@ -311,6 +332,16 @@ class AdaptiveBypass:
         scores = ((raw - mean) / std) @ w  # (n_prompts,)
         thresholds = [float(torch.quantile(scores, q / n_bands)) for q in range(1, n_bands)]
         bands = [sum(float(s) > t for t in thresholds) for s in scores]
+        if continuations is not None:
+            measured, se, halves = _continuation_table(model, tokenizer, encoded, continuations, bands, n_bands,
+                                                       order, grid, continuation_tokens, batch_size)
+            calibration = RouterCalibration(
+                model=model_name or str(getattr(model.config, "name_or_path", "")), order=list(order),
+                feature_mean=mean.tolist(), feature_std=std.tolist(), weights=list(weights), thresholds=thresholds,
+                skip_per_band=skips_for(measured, tolerance), tolerance=tolerance, measured=measured,
+                target="continuation", measured_se=se, halves=halves,
+                prompts_per_band=[bands.count(b) for b in range(n_bands)])
+            return cls(model, calibration)
         measured = {}
         for b in range(n_bands):
             batch = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -327,5 +358,38 @@ class AdaptiveBypass:
         calibration = RouterCalibration(
             model=model_name or str(getattr(model.config, "name_or_path", "")), order=list(order),
             feature_mean=mean.tolist(), feature_std=std.tolist(), weights=list(weights), thresholds=thresholds,
-            skip_per_band=skips, tolerance=tolerance, measured=measured)
+            skip_per_band=skips, tolerance=tolerance, measured=measured,
+            prompts_per_band=[bands.count(b) for b in range(n_bands)])
         return cls(model, calibration)
+
+
+def _continuation_table(model: nn.Module, tokenizer, encoded: list[torch.Tensor], continuations: list[str],
+                        bands: list[int], n_bands: int, order: list[int], grid: list[int], tokens: int,
+                        batch_size: int) -> tuple[dict, dict, list]:
+    """Band x skip-count tables of the continuation loss increase: mean, standard error, and on two halves."""
+    items = []
+    for i, (ids, text) in enumerate(zip(encoded, continuations, strict=True)):
+        rest = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].reshape(-1)[:tokens].tolist()
+        if not rest:
+            raise ValueError(f"continuation {i} is empty: give each prompt the text that follows it")
+        items.append((ids.reshape(-1).tolist(), rest))
+    n_predicted = torch.tensor([len(rest) for _, rest in items], dtype=torch.float64)
+    losses = {}
+    for k in sorted(set(grid) | {0}):  # 0: nothing skipped, the base every increase is measured from
+        with skipping(model, order[:k]):
+            losses[k] = -evaluation.continuation_logprob(model, items, batch_size).double() / n_predicted
+    members = [[i for i, band in enumerate(bands) if band == b] for b in range(n_bands)]
+    if any(len(m) < 2 for m in members):
+        raise ValueError(f"a band got fewer than 2 prompts ({[len(m) for m in members]}); give more varied prompts")
+
+    def table(pick, with_se=False):
+        mean, se = {}, {}
+        for b, m in enumerate(members):
+            rows = pick(m)
+            increase = {k: losses[k][rows] - losses[0][rows] for k in grid}
+            mean[str(b)] = {str(k): round(float(v.mean()), 4) for k, v in increase.items()}
+            se[str(b)] = {str(k): round(float(v.std() / math.sqrt(len(rows))), 4) for k, v in increase.items()}
+        return (mean, se) if with_se else mean
+
+    measured, se = table(lambda m: m, with_se=True)
+    return measured, se, [table(lambda m: m[0::2]), table(lambda m: m[1::2])]

@@ -218,6 +218,57 @@ def test_router_bad_input():
         bypass.prompt_features(model, torch.tensor([], dtype=torch.long))
 
 
+CONTINUATIONS = [" and then some more text follows here", " x", " yes, it goes on and on", " more"] * 4
+
+
+@torch.no_grad()
+def _continuation_loss_by_hand(model, prompt, continuation, skip, tokens):
+    """One prompt at a time, no padding: mean loss on the continuation's first ``tokens`` tokens given the prompt."""
+    p, c = CharTokenizer()(prompt)["input_ids"][0], CharTokenizer()(continuation)["input_ids"][0][:tokens]
+    with bypass.skipping(model, skip):
+        logits = model(torch.cat([p, c])[None]).logits[0, len(p) - 1:-1]
+    return torch.nn.functional.cross_entropy(logits, c).item()
+
+
+def test_router_calibrated_on_continuations_measures_each_prompt_by_hand(tmp_path):
+    """Batched and padded inside calibrate; here one prompt at a time: every band's mean, its standard error and
+    the two half-tables agree; the calibration records its target and reloads identically."""
+    model = tiny_llama(num_hidden_layers=4)
+    order, grid, tokens = [3, 1, 2, 0], [0, 2, 4], 5
+    router = bypass.AdaptiveBypass.calibrate(model, CharTokenizer(), PROMPTS, order=order, tolerance=0.05,
+                                             skip_grid=grid, continuations=CONTINUATIONS, continuation_tokens=tokens,
+                                             batch_size=3)
+    cal = router.calibration
+    assert cal.target == "continuation" and sum(cal.prompts_per_band) == len(PROMPTS)
+    bands = [router.band(bypass.prompt_features(model, CharTokenizer()(p)["input_ids"])) for p in PROMPTS]
+    assert [bands.count(b) for b in range(3)] == cal.prompts_per_band
+    for b in range(3):
+        members = [i for i, band in enumerate(bands) if band == b]
+        for k in grid:
+            inc = torch.tensor([_continuation_loss_by_hand(model, PROMPTS[i], CONTINUATIONS[i], order[:k], tokens)
+                                - _continuation_loss_by_hand(model, PROMPTS[i], CONTINUATIONS[i], [], tokens)
+                                for i in members])
+            assert abs(inc.mean().item() - cal.measured[str(b)][str(k)]) < 2e-4
+            assert abs(inc.std().item() / len(members) ** 0.5 - cal.measured_se[str(b)][str(k)]) < 2e-4
+            for half, rows in zip(cal.halves, (inc[0::2], inc[1::2]), strict=True):
+                assert abs(rows.mean().item() - half[str(b)][str(k)]) < 2e-4
+    assert cal.skip_per_band == bypass.skips_for(cal.measured, 0.05)
+    assert bypass.RouterCalibration.load(cal.save(tmp_path / "router.json")) == cal
+
+
+def test_router_continuations_bad_input_leaves_nothing_behind():
+    model = tiny_llama(num_hidden_layers=4)
+    with pytest.raises(ValueError, match="one text per prompt"):
+        bypass.AdaptiveBypass.calibrate(model, CharTokenizer(), PROMPTS, order=[3], continuations=CONTINUATIONS[:3])
+    with pytest.raises(ValueError, match="continuation 1 is empty"):
+        bypass.AdaptiveBypass.calibrate(model, CharTokenizer(), PROMPTS, order=[3],
+                                        continuations=[" a", ""] + CONTINUATIONS[2:])
+    with pytest.raises(ValueError, match="continuation_tokens"):
+        bypass.AdaptiveBypass.calibrate(model, CharTokenizer(), PROMPTS, order=[3], continuations=CONTINUATIONS,
+                                        continuation_tokens=0)
+    assert not any(isinstance(m, bypass.AttentionBypass) for m in model.modules())
+
+
 def test_choose_bypass_returns_the_order_of_choice():
     """Least important first, so ``order[:k]`` is the k-layer choice (what AdaptiveBypass.calibrate needs)."""
     model = tiny_llama(num_hidden_layers=4)
