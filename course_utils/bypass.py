@@ -293,7 +293,7 @@ class AdaptiveBypass:
                   n_bands: int = 3, tolerance: float = 0.15, skip_grid: Iterable[int] = range(0, 13, 2),
                   weights: tuple[float, float] = (0.5, 0.5), model_name: str | None = None,
                   continuations: list[str] | None = None, continuation_tokens: int = 32,
-                  batch_size: int = 16) -> AdaptiveBypass:
+                  groups: list | None = None, batch_size: int = 16) -> AdaptiveBypass:
         """Fit the router on calibration prompts.
 
         ``model_name`` is recorded in the calibration file (default: the config's ``name_or_path``, which
@@ -309,8 +309,10 @@ class AdaptiveBypass:
           the band's prompts with equal weight. Every prompt brings the same number of tokens, so short prompts are
           measured as precisely as long ones, and it is the quantity a router is judged on. The calibration also
           records each cell's standard error over the band's prompts (``measured_se``) and the table measured on
-          alternate halves of each band's prompts (``halves``): if the halves give different plans, calibrate on
-          more prompts.
+          two halves of the prompts (``halves``): if the halves give different plans, calibrate on more prompts.
+          Prompts with the same entry in ``groups`` (e.g. cut from the same paragraph) fall in the same half,
+          so the halves share no text; distinct groups alternate in order of first appearance (default: every
+          prompt its own group).
         - otherwise: the loss on the prompts' own tokens (a few tokens for a short prompt: a noisy row).
         """
         if len(prompts) < 2 * n_bands:
@@ -321,6 +323,8 @@ class AdaptiveBypass:
         if continuations is not None and len(continuations) != len(prompts):
             raise ValueError(f"continuations must give one text per prompt: {len(continuations)} for "
                              f"{len(prompts)} prompts (bypass.cut_prompts returns (prompt, rest) pairs)")
+        if groups is not None and len(groups) != len(prompts):
+            raise ValueError(f"groups must give one entry per prompt: {len(groups)} for {len(prompts)} prompts")
         if continuation_tokens < 1:
             raise ValueError(f"continuation_tokens must be >= 1; got {continuation_tokens}")
         grid = sorted({int(k) for k in skip_grid if 0 <= k <= len(order)})
@@ -333,8 +337,12 @@ class AdaptiveBypass:
         thresholds = [float(torch.quantile(scores, q / n_bands)) for q in range(1, n_bands)]
         bands = [sum(float(s) > t for t in thresholds) for s in scores]
         if continuations is not None:
-            measured, se, halves = _continuation_table(model, tokenizer, encoded, continuations, bands, n_bands,
-                                                       order, grid, continuation_tokens, batch_size)
+            rank: dict = {}
+            for g in (groups if groups is not None else range(len(prompts))):
+                rank.setdefault(g, len(rank))
+            half = [rank[g] % 2 for g in (groups if groups is not None else range(len(prompts)))]
+            measured, se, halves = _continuation_table(model, tokenizer, encoded, continuations, bands, half,
+                                                       n_bands, order, grid, continuation_tokens, batch_size)
             calibration = RouterCalibration(
                 model=model_name or str(getattr(model.config, "name_or_path", "")), order=list(order),
                 feature_mean=mean.tolist(), feature_std=std.tolist(), weights=list(weights), thresholds=thresholds,
@@ -364,8 +372,8 @@ class AdaptiveBypass:
 
 
 def _continuation_table(model: nn.Module, tokenizer, encoded: list[torch.Tensor], continuations: list[str],
-                        bands: list[int], n_bands: int, order: list[int], grid: list[int], tokens: int,
-                        batch_size: int) -> tuple[dict, dict, list]:
+                        bands: list[int], half: list[int], n_bands: int, order: list[int], grid: list[int],
+                        tokens: int, batch_size: int) -> tuple[dict, dict, list]:
     """Band x skip-count tables of the continuation loss increase: mean, standard error, and on two halves."""
     items = []
     for i, (ids, text) in enumerate(zip(encoded, continuations, strict=True)):
@@ -379,8 +387,11 @@ def _continuation_table(model: nn.Module, tokenizer, encoded: list[torch.Tensor]
         with skipping(model, order[:k]):
             losses[k] = -evaluation.continuation_logprob(model, items, batch_size).double() / n_predicted
     members = [[i for i, band in enumerate(bands) if band == b] for b in range(n_bands)]
-    if any(len(m) < 2 for m in members):
-        raise ValueError(f"a band got fewer than 2 prompts ({[len(m) for m in members]}); give more varied prompts")
+    for h in (0, 1):
+        sizes = [sum(half[i] == h for i in m) for m in members]
+        if min(sizes) < 2:
+            raise ValueError(f"half {h} of the prompts has fewer than 2 prompts in a band ({sizes}); give more "
+                             "prompts, or more groups")
 
     def table(pick, with_se=False):
         mean, se = {}, {}
@@ -392,4 +403,4 @@ def _continuation_table(model: nn.Module, tokenizer, encoded: list[torch.Tensor]
         return (mean, se) if with_se else mean
 
     measured, se = table(lambda m: m, with_se=True)
-    return measured, se, [table(lambda m: m[0::2]), table(lambda m: m[1::2])]
+    return measured, se, [table(lambda m, h=h: [i for i in m if half[i] == h]) for h in (0, 1)]

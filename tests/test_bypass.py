@@ -239,7 +239,12 @@ def test_router_calibrated_on_continuations_measures_each_prompt_by_hand(tmp_pat
                                              skip_grid=grid, continuations=CONTINUATIONS, continuation_tokens=tokens,
                                              batch_size=3)
     cal = router.calibration
+    groups = [(i + 1) // 2 for i in range(len(PROMPTS))]  # neighbours 1-2, 3-4, ... share a half
+    grouped = bypass.AdaptiveBypass.calibrate(model, CharTokenizer(), PROMPTS, order=order, tolerance=0.05,
+                                              skip_grid=grid, continuations=CONTINUATIONS, continuation_tokens=tokens,
+                                              groups=groups).calibration
     assert cal.target == "continuation" and sum(cal.prompts_per_band) == len(PROMPTS)
+    assert grouped.measured == cal.measured and grouped.halves != cal.halves
     bands = [router.band(bypass.prompt_features(model, CharTokenizer()(p)["input_ids"])) for p in PROMPTS]
     assert [bands.count(b) for b in range(3)] == cal.prompts_per_band
     for b in range(3):
@@ -250,8 +255,10 @@ def test_router_calibrated_on_continuations_measures_each_prompt_by_hand(tmp_pat
                                 for i in members])
             assert abs(inc.mean().item() - cal.measured[str(b)][str(k)]) < 2e-4
             assert abs(inc.std().item() / len(members) ** 0.5 - cal.measured_se[str(b)][str(k)]) < 2e-4
-            for half, rows in zip(cal.halves, (inc[0::2], inc[1::2]), strict=True):
-                assert abs(rows.mean().item() - half[str(b)][str(k)]) < 2e-4
+            for h in (0, 1):  # default: every prompt its own group, so halves by index parity
+                for halves, half_of in ((cal.halves, lambda i: i % 2), (grouped.halves, lambda i: groups[i] % 2)):
+                    rows = inc[[j for j, i in enumerate(members) if half_of(i) == h]]
+                    assert abs(rows.mean().item() - halves[h][str(b)][str(k)]) < 2e-4
     assert cal.skip_per_band == bypass.skips_for(cal.measured, 0.05)
     assert bypass.RouterCalibration.load(cal.save(tmp_path / "router.json")) == cal
 
@@ -263,6 +270,12 @@ def test_router_continuations_bad_input_leaves_nothing_behind():
     with pytest.raises(ValueError, match="continuation 1 is empty"):
         bypass.AdaptiveBypass.calibrate(model, CharTokenizer(), PROMPTS, order=[3],
                                         continuations=[" a", ""] + CONTINUATIONS[2:])
+    with pytest.raises(ValueError, match="one entry per prompt"):
+        bypass.AdaptiveBypass.calibrate(model, CharTokenizer(), PROMPTS, order=[3], continuations=CONTINUATIONS,
+                                        groups=[0])
+    with pytest.raises(ValueError, match="more groups"):
+        bypass.AdaptiveBypass.calibrate(model, CharTokenizer(), PROMPTS, order=[3], continuations=CONTINUATIONS,
+                                        groups=[0] * len(PROMPTS))
     with pytest.raises(ValueError, match="continuation_tokens"):
         bypass.AdaptiveBypass.calibrate(model, CharTokenizer(), PROMPTS, order=[3], continuations=CONTINUATIONS,
                                         continuation_tokens=0)
