@@ -55,6 +55,7 @@ benchmarks: venv
 	$(BIN)/python benchmarks/base_models.py
 	$(BIN)/python benchmarks/width.py
 	$(BIN)/python benchmarks/depth.py
+	$(BIN)/python benchmarks/router.py
 	$(BIN)/python benchmarks/recovery.py
 	$(BIN)/python benchmarks/bias.py
 	$(BIN)/python benchmarks/heads.py

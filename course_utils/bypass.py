@@ -22,7 +22,7 @@ import math
 import random
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -176,11 +176,26 @@ def cut_prompts(paragraphs: list[str], n: int, seed: int,
     if not 0 < n <= len(paragraphs):
         raise ValueError(f"n must be in [1, {len(paragraphs)}] (the number of paragraphs given); got {n}")
     rng = random.Random(seed)
-    pairs = []
-    for paragraph in rng.sample(paragraphs, n):
-        words, k = paragraph.split(), rng.choice(lengths)
-        pairs.append((" ".join(words[:k]), " " + " ".join(words[k:])))
-    return pairs
+    return [_cut(paragraph, rng.choice(lengths)) for paragraph in rng.sample(paragraphs, n)]
+
+
+def cut_every_length(paragraphs: list[str], lengths: Iterable[int] = PROMPT_LENGTHS) -> list[tuple[str, str]]:
+    """Every paragraph cut after each of ``lengths`` words: (prompt, rest) pairs, paragraph by paragraph.
+
+    Pair ``i`` comes from paragraph ``i // len(lengths)`` (pass that as ``groups`` to ``AdaptiveBypass.calibrate``).
+    Each paragraph needs more words than the longest cut, so that every prompt has a continuation.
+    """
+    lengths = tuple(lengths)
+    short = [i for i, p in enumerate(paragraphs) if len(p.split()) <= max(lengths)]
+    if not lengths or short:
+        raise ValueError(f"every paragraph needs more than {max(lengths, default=0)} words (paragraphs {short[:5]} "
+                         "have fewer): filter them, e.g. len(p.split()) >= 170")
+    return [_cut(paragraph, k) for paragraph in paragraphs for k in lengths]
+
+
+def _cut(paragraph: str, k: int) -> tuple[str, str]:
+    words = paragraph.split()
+    return " ".join(words[:k]), " " + " ".join(words[k:])
 
 
 @dataclass
@@ -226,6 +241,17 @@ class RouterCalibration:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(self), indent=1) + "\n", encoding="utf-8")
         return path
+
+    def with_tolerance(self, tolerance: float) -> RouterCalibration:
+        """A copy whose skip counts follow ``tolerance`` (``skips_for`` on the measured table; no model run)."""
+        return replace(self, tolerance=tolerance, skip_per_band=skips_for(self.measured, tolerance))
+
+    def stable_tolerances(self, candidates: Iterable[float]) -> list[float]:
+        """The ``candidates`` at which both halves of the calibration give the full table's plan (``halves``)."""
+        if len(self.halves) != 2:
+            raise ValueError("this calibration has no halves: calibrate with continuations=... to record them")
+        return [t for t in candidates
+                if skips_for(self.halves[0], t) == skips_for(self.halves[1], t) == skips_for(self.measured, t)]
 
     @classmethod
     def load(cls, path: str | Path) -> RouterCalibration:

@@ -261,6 +261,15 @@ def test_router_calibrated_on_continuations_measures_each_prompt_by_hand(tmp_pat
                     assert abs(rows.mean().item() - halves[h][str(b)][str(k)]) < 2e-4
     assert cal.skip_per_band == bypass.skips_for(cal.measured, 0.05)
     assert bypass.RouterCalibration.load(cal.save(tmp_path / "router.json")) == cal
+    moved = cal.with_tolerance(0.5)
+    assert moved.skip_per_band == bypass.skips_for(cal.measured, 0.5) and moved.tolerance == 0.5
+    assert cal.tolerance == 0.05 and moved.measured == cal.measured  # a copy: the original is untouched
+    candidates = [t / 100 for t in range(-5, 60)]
+    assert cal.stable_tolerances(candidates) == [
+        t for t in candidates if all(bypass.skips_for(h, t) == bypass.skips_for(cal.measured, t) for h in cal.halves)]
+    with pytest.raises(ValueError, match="no halves"):
+        bypass.AdaptiveBypass.calibrate(model, CharTokenizer(), PROMPTS, order=order,
+                                        skip_grid=grid).calibration.stable_tolerances([0.1])
 
 
 def test_router_continuations_bad_input_leaves_nothing_behind():
@@ -310,35 +319,43 @@ def test_cut_prompts_is_seeded_and_keeps_the_text():
         assert len(prompt.split()) in bypass.PROMPT_LENGTHS and (prompt + rest) in paragraphs
     with pytest.raises(ValueError, match="n must be in"):
         bypass.cut_prompts(paragraphs, 11, seed=0)
+    every = bypass.cut_every_length(paragraphs[:3])
+    assert len(every) == 3 * len(bypass.PROMPT_LENGTHS)
+    for i, (prompt, rest) in enumerate(every):
+        assert prompt + rest == paragraphs[i // len(bypass.PROMPT_LENGTHS)]
+        assert len(prompt.split()) == bypass.PROMPT_LENGTHS[i % len(bypass.PROMPT_LENGTHS)]
+    with pytest.raises(ValueError, match="more than 128 words"):
+        bypass.cut_every_length(paragraphs[:2] + ["too short"])
 
 
 def test_shipped_router_calibration_is_smollm2s(smollm2):
-    """Lesson 06 loads data/adaptive_bypass_smollm2.json instead of recalibrating (a minute of forward passes):
-    recompute its features, thresholds and bands exactly, and one band's loss increases at two skip counts."""
-    from pathlib import Path
-
+    """Lesson 06 loads data/adaptive_bypass_smollm2.json instead of recalibrating (minutes of forward passes):
+    recompute its features, thresholds and bands exactly, and one cell of half 0 (a quarter of a band's prompts)."""
     from course_utils import data, evaluation
 
     model, tokenizer = smollm2
     shipped = bypass.RouterCalibration.load(Path(bypass.__file__).resolve().parent.parent / "data"
                                             / "adaptive_bypass_smollm2.json")
     long_paragraphs = [p for p in data.load_texts("calibration", "offline") if len(p.split()) >= 170]
-    prompts = [prompt for prompt, _ in bypass.cut_prompts(long_paragraphs, 36, seed=0)]
-    encoded = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p in prompts]
+    pairs = bypass.cut_every_length(long_paragraphs)
+    encoded = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p, _ in pairs]
     feats = [bypass.prompt_features(model, ids) for ids in encoded]
     raw = torch.tensor([[torch.tensor(f.n_tokens).log().item(), torch.tensor(f.embedding_variance).log().item()]
                         for f in feats])
     assert torch.allclose(raw.mean(0), torch.tensor(shipped.feature_mean), rtol=1e-5)
     assert torch.allclose(raw.std(0), torch.tensor(shipped.feature_std), rtol=1e-5)
+    assert shipped.target == "continuation" and len(shipped.halves) == 2
     router = bypass.AdaptiveBypass(model, shipped)
     bands = [router.band(f) for f in feats]
-    assert [bands.count(b) for b in range(3)] == [12, 12, 12]
-    batch = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids, b in zip(encoded, bands, strict=True)
-             if b == 1]
-    base = evaluation.calibration_loss(model, batch)
-    for k in (4, 8):
-        with bypass.skipping(model, shipped.order[:k]):
-            assert abs(evaluation.calibration_loss(model, batch) - base - shipped.measured["1"][str(k)]) < 2e-4
+    assert [bands.count(b) for b in range(3)] == shipped.prompts_per_band
+    paragraph = [i // len(bypass.PROMPT_LENGTHS) for i in range(len(pairs))]  # halves: paragraph parity
+    rows = [i for i, b in enumerate(bands) if b == 0 and paragraph[i] % 2 == 0]
+    items = [(encoded[i][0].tolist(), tokenizer(pairs[i][1], add_special_tokens=False)["input_ids"][:32]) for i in rows]
+    base = evaluation.continuation_logprob(model, items)
+    with bypass.skipping(model, shipped.order[:4]):
+        skipped = evaluation.continuation_logprob(model, items)
+    increase = ((base - skipped) / 32).mean().item()
+    assert abs(increase - shipped.halves[0]["0"]["4"]) < 2e-4
 
 
 def test_skips_for_applies_the_calibration_rule_to_a_table():
@@ -357,5 +374,7 @@ def test_shipped_calibration_follows_the_rule_and_parts_at_other_tolerances():
     shipped = bypass.RouterCalibration.load(Path(__file__).resolve().parent.parent / "data" /
                                             "adaptive_bypass_smollm2.json")
     assert bypass.skips_for(shipped.measured, shipped.tolerance) == shipped.skip_per_band
-    parted = [t / 100 for t in range(1, 50) if len(set(bypass.skips_for(shipped.measured, t / 100))) > 1]
+    parted = [t / 100 for t in range(1, 61) if len(set(bypass.skips_for(shipped.measured, t / 100))) > 1]
     assert parted  # lesson 06 shows these tolerances: the bands part there
+    # lesson 06's choice: the smallest tolerance at which the bands part and both halves of the calibration agree
+    assert shipped.tolerance == min(set(parted) & set(shipped.stable_tolerances(parted)))
