@@ -232,7 +232,7 @@ class RouterCalibration:
     measured: dict = field(default_factory=dict)  # loss increase per band and skip count, for the record
     target: str = "prompt"  # what the loss was measured on: the prompt's own tokens or its continuation
     measured_se: dict = field(default_factory=dict)  # standard error over the band's prompts (continuation only)
-    halves: list = field(default_factory=list)  # the table measured on alternate halves of each band's prompts
+    halves: list = field(default_factory=list)  # the table on two halves of the prompts (continuation only)
     prompts_per_band: list = field(default_factory=list)
     version: int = CALIBRATION_VERSION
 
@@ -330,10 +330,11 @@ class AdaptiveBypass:
         stays within ``tolerance`` nats/token; the counts are then made non-increasing with complexity.
 
         What the loss is measured on:
-        - ``continuations`` given (one text per prompt, e.g. the rest of its paragraph from ``cut_prompts``): the
-          mean loss on the first ``continuation_tokens`` tokens of each continuation given its prompt, averaged over
-          the band's prompts with equal weight. Every prompt brings the same number of tokens, so short prompts are
-          measured as precisely as long ones, and it is the quantity a router is judged on. The calibration also
+        - ``continuations`` given (one text per prompt, e.g. the rest of its paragraph from ``cut_prompts`` or
+          ``cut_every_length``): the mean loss on the first ``continuation_tokens`` tokens of each continuation
+          given its prompt, averaged over the band's prompts with equal weight. Every prompt brings the same
+          number of tokens, so short prompts are measured as precisely as long ones, and it is the quantity a
+          router is judged on. The calibration also
           records each cell's standard error over the band's prompts (``measured_se``) and the table measured on
           two halves of the prompts (``halves``): if the halves give different plans, calibrate on more prompts.
           Prompts with the same entry in ``groups`` (e.g. cut from the same paragraph) fall in the same half,
@@ -362,6 +363,7 @@ class AdaptiveBypass:
         scores = ((raw - mean) / std) @ w  # (n_prompts,)
         thresholds = [float(torch.quantile(scores, q / n_bands)) for q in range(1, n_bands)]
         bands = [sum(float(s) > t for t in thresholds) for s in scores]
+        se, halves, target = {}, [], "prompt"
         if continuations is not None:
             rank: dict = {}
             for g in (groups if groups is not None else range(len(prompts))):
@@ -369,32 +371,33 @@ class AdaptiveBypass:
             half = [rank[g] % 2 for g in (groups if groups is not None else range(len(prompts)))]
             measured, se, halves = _continuation_table(model, tokenizer, encoded, continuations, bands, half,
                                                        n_bands, order, grid, continuation_tokens, batch_size)
-            calibration = RouterCalibration(
-                model=model_name or str(getattr(model.config, "name_or_path", "")), order=list(order),
-                feature_mean=mean.tolist(), feature_std=std.tolist(), weights=list(weights), thresholds=thresholds,
-                skip_per_band=skips_for(measured, tolerance), tolerance=tolerance, measured=measured,
-                target="continuation", measured_se=se, halves=halves,
-                prompts_per_band=[bands.count(b) for b in range(n_bands)])
-            return cls(model, calibration)
-        measured = {}
-        for b in range(n_bands):
-            batch = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-                     for ids, band in zip(encoded, bands, strict=True) if band == b and ids.numel() > 1]
-            if not batch:
-                raise ValueError(f"band {b} got no prompt longer than one token; give more varied prompts")
-            base = evaluation.calibration_loss(model, batch)
-            increases = {}
-            for k in grid:
-                with skipping(model, order[:k]):
-                    increases[k] = evaluation.calibration_loss(model, batch) - base
-            measured[str(b)] = {str(k): round(v, 4) for k, v in increases.items()}
-        skips = skips_for(measured, tolerance)
+            target = "continuation"
+        else:
+            measured = _prompt_table(model, encoded, bands, n_bands, order, grid)
         calibration = RouterCalibration(
             model=model_name or str(getattr(model.config, "name_or_path", "")), order=list(order),
             feature_mean=mean.tolist(), feature_std=std.tolist(), weights=list(weights), thresholds=thresholds,
-            skip_per_band=skips, tolerance=tolerance, measured=measured,
-            prompts_per_band=[bands.count(b) for b in range(n_bands)])
+            skip_per_band=skips_for(measured, tolerance), tolerance=tolerance, measured=measured, target=target,
+            measured_se=se, halves=halves, prompts_per_band=[bands.count(b) for b in range(n_bands)])
         return cls(model, calibration)
+
+
+def _prompt_table(model: nn.Module, encoded: list[torch.Tensor], bands: list[int], n_bands: int, order: list[int],
+                  grid: list[int]) -> dict:
+    """Band x skip-count table of the loss increase on the prompts' own tokens (token-weighted per band)."""
+    measured = {}
+    for b in range(n_bands):
+        batch = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+                 for ids, band in zip(encoded, bands, strict=True) if band == b and ids.numel() > 1]
+        if not batch:
+            raise ValueError(f"band {b} got no prompt longer than one token; give more varied prompts")
+        base = evaluation.calibration_loss(model, batch)
+        increases = {}
+        for k in grid:
+            with skipping(model, order[:k]):
+                increases[k] = evaluation.calibration_loss(model, batch) - base
+        measured[str(b)] = {str(k): round(v, 4) for k, v in increases.items()}
+    return measured
 
 
 def _continuation_table(model: nn.Module, tokenizer, encoded: list[torch.Tensor], continuations: list[str],
