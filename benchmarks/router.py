@@ -22,7 +22,7 @@ from pathlib import Path
 from report import RESULTS, measured_line, write_section
 
 import course_utils
-from course_utils import bypass, data, evaluation, models
+from course_utils import bypass, data, likelihood, models
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "adaptive_bypass_smollm2.json"
 TOKENS = 32
@@ -41,8 +41,8 @@ def measure(model, tokenizer, cal, paragraphs) -> dict:
     loss = {}
     for k in grid:
         with bypass.skipping(model, cal.order[:k]):
-            logprob = evaluation.continuation_logprob(model, items, batch_size=16)
-        loss[k] = [(-lp / len(c)).item() for lp, (_, c) in zip(logprob, items, strict=True)]
+            logprob = likelihood.continuation_logprob(model, items, batch_size=16)
+        loss[k] = [round((-lp / len(c)).item(), 5) for lp, (_, c) in zip(logprob, items, strict=True)]
     return dict(grid=grid, bands=bands, paragraph=[i // len(bypass.PROMPT_LENGTHS) for i in range(len(pairs))],
                 loss={str(k): v for k, v in loss.items()})
 
@@ -90,6 +90,11 @@ def render(stored: dict) -> str:
             lines.append(f"| {float(t):.2f} | {c['plan']} | {c['skipped']:.2f} | {c['routed']:+.3f} | "
                          f"{c['diff']:+.4f} ({c['se']:.4f}) |")
         lines.append("")
+    at_shipped = {n: next(c for c in rows.values() if c["plan"] == cal.skip_per_band)
+                  for n, rows in stored["compare"].items()}
+    lines.append(f"At the shipped plan {cal.skip_per_band}, routed minus static: " + "; ".join(
+        f"{n} {c['diff']:+.4f} (s.e. {c['se']:.4f}), {c['diff'] / c['routed']:+.1%} of the routed loss increase"
+        for n, c in at_shipped.items()) + ".")
     beyond = [(n, t) for n, rows in stored["compare"].items() for t, c in rows.items() if abs(c["diff"]) > 2 * c["se"]]
     lines.append("Routed minus static beyond two standard errors: " +
                  (", ".join(f"{n} at {float(t):.2f}" for n, t in beyond) if beyond else "none") +

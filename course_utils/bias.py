@@ -33,7 +33,7 @@ from torch import nn
 
 from . import hooks
 from .data import to_device
-from .evaluation import continuation_logprob, pad_id, padded_batches
+from .likelihood import continuation_logprob, pad_id, padded_batches
 
 
 @dataclass

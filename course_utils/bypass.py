@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import arch, evaluation, structure
+from . import arch, evaluation, likelihood, structure
 from .anatomy import count_parameters
 from .data import require_batches
 from .importance.attention import attention_importance
@@ -414,7 +414,7 @@ def _continuation_table(model: nn.Module, tokenizer, encoded: list[torch.Tensor]
     losses = {}
     for k in sorted(set(grid) | {0}):  # 0: nothing skipped, the base every increase is measured from
         with skipping(model, order[:k]):
-            losses[k] = -evaluation.continuation_logprob(model, items, batch_size).double() / n_predicted
+            losses[k] = -likelihood.continuation_logprob(model, items, batch_size).double() / n_predicted
     members = [[i for i, band in enumerate(bands) if band == b] for b in range(n_bands)]
     for h in (0, 1):
         sizes = [sum(half[i] == h for i in m) for m in members]

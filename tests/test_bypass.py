@@ -331,7 +331,7 @@ def test_cut_prompts_is_seeded_and_keeps_the_text():
 def test_shipped_router_calibration_is_smollm2s(smollm2):
     """Lesson 06 loads data/adaptive_bypass_smollm2.json instead of recalibrating (minutes of forward passes):
     recompute its features, thresholds and bands exactly, and one cell of half 0 (a quarter of a band's prompts)."""
-    from course_utils import data, evaluation
+    from course_utils import data, likelihood
 
     model, tokenizer = smollm2
     shipped = bypass.RouterCalibration.load(Path(bypass.__file__).resolve().parent.parent / "data"
@@ -351,9 +351,9 @@ def test_shipped_router_calibration_is_smollm2s(smollm2):
     paragraph = [i // len(bypass.PROMPT_LENGTHS) for i in range(len(pairs))]  # halves: paragraph parity
     rows = [i for i, b in enumerate(bands) if b == 0 and paragraph[i] % 2 == 0]
     items = [(encoded[i][0].tolist(), tokenizer(pairs[i][1], add_special_tokens=False)["input_ids"][:32]) for i in rows]
-    base = evaluation.continuation_logprob(model, items)
+    base = likelihood.continuation_logprob(model, items)
     with bypass.skipping(model, shipped.order[:4]):
-        skipped = evaluation.continuation_logprob(model, items)
+        skipped = likelihood.continuation_logprob(model, items)
     increase = ((base - skipped) / 32).mean().item()
     assert abs(increase - shipped.halves[0]["0"]["4"]) < 2e-4
 

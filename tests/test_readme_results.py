@@ -26,7 +26,8 @@ def lesson_rows():
 def outputs_text(notebook):
     cells = json.loads((ROOT / notebook).read_text())["cells"]
     outputs = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])]
-    return "\n".join("".join(o.get("text", "")) for o in outputs)
+    # printed text and rendered markdown (a cell's display(Markdown(...)) of measured values) both count
+    return "\n".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/markdown", "")) for o in outputs)
 
 
 def test_every_lesson_quotes_a_result_its_notebook_printed():
