@@ -30,7 +30,7 @@ TOKENS = 32
 
 def measure(model, tokenizer, cal, paragraphs) -> dict:
     """Per-prompt continuation loss at every skip count, features' band, and the paragraph each prompt came from."""
-    pairs = bypass.cut_every_length(paragraphs)
+    pairs = data.cut_every_length(paragraphs)
     router = bypass.AdaptiveBypass(model, cal)
     items, bands = [], []
     for prompt, rest in pairs:
@@ -43,7 +43,7 @@ def measure(model, tokenizer, cal, paragraphs) -> dict:
         with bypass.skipping(model, cal.order[:k]):
             logprob = likelihood.continuation_logprob(model, items, batch_size=16)
         loss[k] = [round((-lp / len(c)).item(), 5) for lp, (_, c) in zip(logprob, items, strict=True)]
-    return dict(grid=grid, bands=bands, paragraph=[i // len(bypass.PROMPT_LENGTHS) for i in range(len(pairs))],
+    return dict(grid=grid, bands=bands, paragraph=[i // len(data.PROMPT_LENGTHS) for i in range(len(pairs))],
                 loss={str(k): v for k, v in loss.items()})
 
 

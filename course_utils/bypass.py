@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -163,41 +162,6 @@ def skipping(model: nn.Module, layers: Iterable[int]) -> Iterator[nn.Module]:
 # Adaptive bypass: the prompt decides
 # ---------------------------------------------------------------------------------------------
 
-PROMPT_LENGTHS = (8, 16, 32, 64, 128)  # prompt lengths in words: from a short question to a paragraph
-
-
-def cut_prompts(paragraphs: list[str], n: int, seed: int,
-                lengths: Iterable[int] = PROMPT_LENGTHS) -> list[tuple[str, str]]:
-    """``n`` (prompt, rest) pairs of varied complexity: seeded paragraphs cut after a seeded number of words.
-
-    ``rest`` starts with a space, so prompt + rest is the paragraph's text (whitespace normalised).
-    """
-    lengths = tuple(lengths)
-    if not 0 < n <= len(paragraphs):
-        raise ValueError(f"n must be in [1, {len(paragraphs)}] (the number of paragraphs given); got {n}")
-    rng = random.Random(seed)
-    return [_cut(paragraph, rng.choice(lengths)) for paragraph in rng.sample(paragraphs, n)]
-
-
-def cut_every_length(paragraphs: list[str], lengths: Iterable[int] = PROMPT_LENGTHS) -> list[tuple[str, str]]:
-    """Every paragraph cut after each of ``lengths`` words: (prompt, rest) pairs, paragraph by paragraph.
-
-    Pair ``i`` comes from paragraph ``i // len(lengths)`` (pass that as ``groups`` to ``AdaptiveBypass.calibrate``).
-    Each paragraph needs more words than the longest cut, so that every prompt has a continuation.
-    """
-    lengths = tuple(lengths)
-    short = [i for i, p in enumerate(paragraphs) if len(p.split()) <= max(lengths)]
-    if not lengths or short:
-        raise ValueError(f"every paragraph needs more than {max(lengths, default=0)} words (paragraphs {short[:5]} "
-                         "have fewer): filter them, e.g. len(p.split()) >= 170")
-    return [_cut(paragraph, k) for paragraph in paragraphs for k in lengths]
-
-
-def _cut(paragraph: str, k: int) -> tuple[str, str]:
-    words = paragraph.split()
-    return " ".join(words[:k]), " " + " ".join(words[k:])
-
-
 @dataclass
 class PromptFeatures:
     """What the router looks at before running the model."""
@@ -231,7 +195,7 @@ class RouterCalibration:
     tolerance: float  # allowed calibration loss increase per band (nats/token) that set skip_per_band
     measured: dict = field(default_factory=dict)  # loss increase per band and skip count, for the record
     target: str = "prompt"  # what the loss was measured on: the prompt's own tokens or its continuation
-    measured_se: dict = field(default_factory=dict)  # standard error over the band's prompts (continuation only)
+    measured_se: dict = field(default_factory=dict)  # standard error, clustered by group (continuation only)
     halves: list = field(default_factory=list)  # the table on two halves of the prompts (continuation only)
     prompts_per_band: list = field(default_factory=list)
     version: int = CALIBRATION_VERSION
@@ -252,6 +216,25 @@ class RouterCalibration:
             raise ValueError("this calibration has no halves: calibrate with continuations=... to record them")
         return [t for t in candidates
                 if skips_for(self.halves[0], t) == skips_for(self.halves[1], t) == skips_for(self.measured, t)]
+
+    def widest_parted_run(self, candidates: Iterable[float]) -> list[float]:
+        """The longest run of consecutive ``candidates`` (ascending) over which the bands part, with the same plan
+        throughout, and both halves give that plan (``stable_tolerances``); [] if the bands never part so.
+        A plan both halves reproduce over a range of tolerances, not at one lucky point, is one the
+        calibration text supports; the run's middle is a tolerance with a margin on both sides."""
+        candidates = sorted(candidates)
+        stable = set(self.stable_tolerances(candidates))
+        best: list[float] = []
+        run: list[float] = []
+        for t in candidates:
+            plan = skips_for(self.measured, t)
+            if t in stable and len(set(plan)) > 1 and (not run or plan == skips_for(self.measured, run[-1])):
+                run.append(t)
+            else:
+                run = [t] if t in stable and len(set(plan)) > 1 else []
+            if len(run) > len(best):
+                best = list(run)
+        return best
 
     @classmethod
     def load(cls, path: str | Path) -> RouterCalibration:
@@ -330,16 +313,16 @@ class AdaptiveBypass:
         stays within ``tolerance`` nats/token; the counts are then made non-increasing with complexity.
 
         What the loss is measured on:
-        - ``continuations`` given (one text per prompt, e.g. the rest of its paragraph from ``cut_prompts`` or
-          ``cut_every_length``): the mean loss on the first ``continuation_tokens`` tokens of each continuation
+        - ``continuations`` given (one text per prompt, e.g. the rest of its paragraph from ``data.cut_prompts`` or
+          ``data.cut_every_length``): the mean loss on the first ``continuation_tokens`` tokens of each continuation
           given its prompt, averaged over the band's prompts with equal weight. Every prompt brings the same
           number of tokens, so short prompts are measured as precisely as long ones, and it is the quantity a
           router is judged on. The calibration also
           records each cell's standard error over the band's prompts (``measured_se``) and the table measured on
           two halves of the prompts (``halves``): if the halves give different plans, calibrate on more prompts.
-          Prompts with the same entry in ``groups`` (e.g. cut from the same paragraph) fall in the same half,
-          so the halves share no text; distinct groups alternate in order of first appearance (default: every
-          prompt its own group).
+          Prompts with the same entry in ``groups`` (e.g. cut from the same paragraph) fall in the same half, so
+          the halves share no text, and count as one cluster in the standard error; distinct groups alternate
+          between the halves in order of first appearance (default: every prompt its own group).
         - otherwise: the loss on the prompts' own tokens (a few tokens for a short prompt: a noisy row).
         """
         if len(prompts) < 2 * n_bands:
@@ -349,7 +332,7 @@ class AdaptiveBypass:
                              "(bypass.choose_bypass(model, calibration, n))")
         if continuations is not None and len(continuations) != len(prompts):
             raise ValueError(f"continuations must give one text per prompt: {len(continuations)} for "
-                             f"{len(prompts)} prompts (bypass.cut_prompts returns (prompt, rest) pairs)")
+                             f"{len(prompts)} prompts (data.cut_prompts returns (prompt, rest) pairs)")
         if groups is not None and len(groups) != len(prompts):
             raise ValueError(f"groups must give one entry per prompt: {len(groups)} for {len(prompts)} prompts")
         if continuation_tokens < 1:
@@ -368,8 +351,8 @@ class AdaptiveBypass:
             rank: dict = {}
             for g in (groups if groups is not None else range(len(prompts))):
                 rank.setdefault(g, len(rank))
-            half = [rank[g] % 2 for g in (groups if groups is not None else range(len(prompts)))]
-            measured, se, halves = _continuation_table(model, tokenizer, encoded, continuations, bands, half,
+            group = [rank[g] for g in (groups if groups is not None else range(len(prompts)))]
+            measured, se, halves = _continuation_table(model, tokenizer, encoded, continuations, bands, group,
                                                        n_bands, order, grid, continuation_tokens, batch_size)
             target = "continuation"
         else:
@@ -401,9 +384,14 @@ def _prompt_table(model: nn.Module, encoded: list[torch.Tensor], bands: list[int
 
 
 def _continuation_table(model: nn.Module, tokenizer, encoded: list[torch.Tensor], continuations: list[str],
-                        bands: list[int], half: list[int], n_bands: int, order: list[int], grid: list[int],
+                        bands: list[int], group: list[int], n_bands: int, order: list[int], grid: list[int],
                         tokens: int, batch_size: int) -> tuple[dict, dict, list]:
-    """Band x skip-count tables of the continuation loss increase: mean, standard error, and on two halves."""
+    """Band x skip-count tables of the continuation loss increase: mean, standard error, and on two halves.
+
+    ``group[i]``: the rank of prompt i's group. The halves are the even and odd ranks; the standard error is
+    clustered by group (prompts cut from one paragraph share text, so they are not independent draws).
+    """
+    half = [g % 2 for g in group]
     items = []
     for i, (ids, text) in enumerate(zip(encoded, continuations, strict=True)):
         rest = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].reshape(-1)[:tokens].tolist()
@@ -428,8 +416,22 @@ def _continuation_table(model: nn.Module, tokenizer, encoded: list[torch.Tensor]
             rows = pick(m)
             increase = {k: losses[k][rows] - losses[0][rows] for k in grid}
             mean[str(b)] = {str(k): round(float(v.mean()), 4) for k, v in increase.items()}
-            se[str(b)] = {str(k): round(float(v.std() / math.sqrt(len(rows))), 4) for k, v in increase.items()}
+            se[str(b)] = {str(k): round(_clustered_se(v, [group[i] for i in rows]), 4) for k, v in increase.items()}
         return (mean, se) if with_se else mean
 
     measured, se = table(lambda m: m, with_se=True)
     return measured, se, [table(lambda m, h=h: [i for i in m if half[i] == h]) for h in (0, 1)]
+
+
+def _clustered_se(values: torch.Tensor, clusters: list[int]) -> float:
+    """Standard error of the mean of ``values`` when values sharing a cluster may be correlated (cluster-robust,
+    with the G / (G - 1) small-sample factor; every value its own cluster gives the usual std / sqrt(n))."""
+    residual = values - values.mean()
+    sums: dict[int, torch.Tensor] = {}
+    for r, c in zip(residual, clusters, strict=True):
+        sums[c] = sums.get(c, 0.0) + r
+    n_clusters = len(sums)
+    if n_clusters < 2:
+        return float("nan")
+    spread = sum(float(v) ** 2 for v in sums.values()) * n_clusters / (n_clusters - 1)
+    return math.sqrt(spread) / len(values)

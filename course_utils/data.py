@@ -15,6 +15,7 @@ import os
 import random
 import re
 import weakref
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
@@ -275,3 +276,43 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts cut from paragraphs (lesson 06's router)
+# ---------------------------------------------------------------------------------------------
+
+PROMPT_LENGTHS = (8, 16, 32, 64, 128)  # prompt lengths in words: from a short question to a paragraph
+
+
+def cut_prompts(paragraphs: list[str], n: int, seed: int,
+                lengths: Iterable[int] = PROMPT_LENGTHS) -> list[tuple[str, str]]:
+    """``n`` (prompt, rest) pairs of varied complexity: seeded paragraphs cut after a seeded number of words.
+
+    ``rest`` starts with a space, so prompt + rest is the paragraph's text (whitespace normalised).
+    """
+    lengths = tuple(lengths)
+    if not 0 < n <= len(paragraphs):
+        raise ValueError(f"n must be in [1, {len(paragraphs)}] (the number of paragraphs given); got {n}")
+    rng = random.Random(seed)
+    return [_cut(paragraph, rng.choice(lengths)) for paragraph in rng.sample(paragraphs, n)]
+
+
+def cut_every_length(paragraphs: list[str], lengths: Iterable[int] = PROMPT_LENGTHS) -> list[tuple[str, str]]:
+    """Every paragraph cut after each of ``lengths`` words: (prompt, rest) pairs, paragraph by paragraph.
+
+    Pair ``i`` comes from paragraph ``i // len(lengths)`` (pass that as ``groups`` to
+    ``bypass.AdaptiveBypass.calibrate``).
+    Each paragraph needs more words than the longest cut, so that every prompt has a continuation.
+    """
+    lengths = tuple(lengths)
+    short = [i for i, p in enumerate(paragraphs) if len(p.split()) <= max(lengths)]
+    if not lengths or short:
+        raise ValueError(f"every paragraph needs more than {max(lengths, default=0)} words (paragraphs {short[:5]} "
+                         "have fewer): filter them, e.g. len(p.split()) >= 170")
+    return [_cut(paragraph, k) for paragraph in paragraphs for k in lengths]
+
+
+def _cut(paragraph: str, k: int) -> tuple[str, str]:
+    words = paragraph.split()
+    return " ".join(words[:k]), " " + " ".join(words[k:])

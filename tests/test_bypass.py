@@ -7,7 +7,7 @@ import torch
 from conftest import padded_batch, tiny_llama, word_tokenizer
 from torch import nn
 
-from course_utils import arch, bypass, hooks, importance, models
+from course_utils import arch, bypass, data, hooks, importance, models
 
 IDS = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(5))
 FAMILIES = ["gpt2", "llama"]
@@ -255,6 +255,11 @@ def test_router_calibrated_on_continuations_measures_each_prompt_by_hand(tmp_pat
                                 for i in members])
             assert abs(inc.mean().item() - cal.measured[str(b)][str(k)]) < 2e-4
             assert abs(inc.std().item() / len(members) ** 0.5 - cal.measured_se[str(b)][str(k)]) < 2e-4
+            residual = inc - inc.mean()  # grouped: neighbours share a cluster (cluster-robust standard error)
+            sums = [residual[[j for j, i in enumerate(members) if groups[i] == g]].sum().item()
+                    for g in sorted({groups[i] for i in members})]
+            clustered = (sum(x * x for x in sums) * len(sums) / (len(sums) - 1)) ** 0.5 / len(members)
+            assert abs(clustered - grouped.measured_se[str(b)][str(k)]) < 2e-4
             for h in (0, 1):  # default: every prompt its own group, so halves by index parity
                 for halves, half_of in ((cal.halves, lambda i: i % 2), (grouped.halves, lambda i: groups[i] % 2)):
                     rows = inc[[j for j, i in enumerate(members) if half_of(i) == h]]
@@ -313,31 +318,31 @@ def test_router_records_the_model_name_and_accepts_a_grid_without_zero():
 
 def test_cut_prompts_is_seeded_and_keeps_the_text():
     paragraphs = [" ".join(f"w{i}_{j}" for j in range(200)) for i in range(10)]
-    pairs = bypass.cut_prompts(paragraphs, 6, seed=3)
-    assert pairs == bypass.cut_prompts(paragraphs, 6, seed=3) != bypass.cut_prompts(paragraphs, 6, seed=4)
+    pairs = data.cut_prompts(paragraphs, 6, seed=3)
+    assert pairs == data.cut_prompts(paragraphs, 6, seed=3) != data.cut_prompts(paragraphs, 6, seed=4)
     for prompt, rest in pairs:
-        assert len(prompt.split()) in bypass.PROMPT_LENGTHS and (prompt + rest) in paragraphs
+        assert len(prompt.split()) in data.PROMPT_LENGTHS and (prompt + rest) in paragraphs
     with pytest.raises(ValueError, match="n must be in"):
-        bypass.cut_prompts(paragraphs, 11, seed=0)
-    every = bypass.cut_every_length(paragraphs[:3])
-    assert len(every) == 3 * len(bypass.PROMPT_LENGTHS)
+        data.cut_prompts(paragraphs, 11, seed=0)
+    every = data.cut_every_length(paragraphs[:3])
+    assert len(every) == 3 * len(data.PROMPT_LENGTHS)
     for i, (prompt, rest) in enumerate(every):
-        assert prompt + rest == paragraphs[i // len(bypass.PROMPT_LENGTHS)]
-        assert len(prompt.split()) == bypass.PROMPT_LENGTHS[i % len(bypass.PROMPT_LENGTHS)]
+        assert prompt + rest == paragraphs[i // len(data.PROMPT_LENGTHS)]
+        assert len(prompt.split()) == data.PROMPT_LENGTHS[i % len(data.PROMPT_LENGTHS)]
     with pytest.raises(ValueError, match="more than 128 words"):
-        bypass.cut_every_length(paragraphs[:2] + ["too short"])
+        data.cut_every_length(paragraphs[:2] + ["too short"])
 
 
 def test_shipped_router_calibration_is_smollm2s(smollm2):
     """Lesson 06 loads data/adaptive_bypass_smollm2.json instead of recalibrating (minutes of forward passes):
-    recompute its features, thresholds and bands exactly, and one cell of half 0 (a quarter of a band's prompts)."""
-    from course_utils import data, likelihood
+    recompute its features, thresholds and bands exactly, and one cell of half 0 (half of band 0's prompts)."""
+    from course_utils import likelihood
 
     model, tokenizer = smollm2
     shipped = bypass.RouterCalibration.load(Path(bypass.__file__).resolve().parent.parent / "data"
                                             / "adaptive_bypass_smollm2.json")
     long_paragraphs = [p for p in data.load_texts("calibration", "offline") if len(p.split()) >= 170]
-    pairs = bypass.cut_every_length(long_paragraphs)
+    pairs = data.cut_every_length(long_paragraphs)
     encoded = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p, _ in pairs]
     feats = [bypass.prompt_features(model, ids) for ids in encoded]
     raw = torch.tensor([[torch.tensor(f.n_tokens).log().item(), torch.tensor(f.embedding_variance).log().item()]
@@ -348,7 +353,7 @@ def test_shipped_router_calibration_is_smollm2s(smollm2):
     router = bypass.AdaptiveBypass(model, shipped)
     bands = [router.band(f) for f in feats]
     assert [bands.count(b) for b in range(3)] == shipped.prompts_per_band
-    paragraph = [i // len(bypass.PROMPT_LENGTHS) for i in range(len(pairs))]  # halves: paragraph parity
+    paragraph = [i // len(data.PROMPT_LENGTHS) for i in range(len(pairs))]  # halves: paragraph parity
     rows = [i for i, b in enumerate(bands) if b == 0 and paragraph[i] % 2 == 0]
     items = [(encoded[i][0].tolist(), tokenizer(pairs[i][1], add_special_tokens=False)["input_ids"][:32]) for i in rows]
     base = likelihood.continuation_logprob(model, items)
@@ -370,11 +375,27 @@ def test_skips_for_applies_the_calibration_rule_to_a_table():
         bypass.skips_for({}, 0.1)
 
 
+def test_widest_parted_run_needs_both_halves_and_one_plan():
+    # full table: [2, 0] from 0.10 to 0.19, [2, 2] to 0.29, [4, 2] from 0.30 to 0.39, then [4, 4]
+    table = {"0": {"0": 0.0, "2": 0.1, "4": 0.3}, "1": {"0": 0.0, "2": 0.2, "4": 0.4}}
+    # one half: [2, 0] to 0.14 only, and [4, 2] to 0.36 only
+    half_a = {"0": {"0": 0.0, "2": 0.1, "4": 0.3}, "1": {"0": 0.0, "2": 0.15, "4": 0.37}}
+    cal = bypass.RouterCalibration(model="m", order=[0, 1, 2, 3], feature_mean=[0, 0], feature_std=[1, 1],
+                                   weights=[0.5, 0.5], thresholds=[0.0], skip_per_band=[0, 0], tolerance=0.0,
+                                   measured=table, target="continuation", halves=[half_a, table])
+    candidates = [t / 100 for t in range(0, 50)]
+    assert cal.widest_parted_run(candidates) == [t / 100 for t in range(30, 37)]
+    assert cal.widest_parted_run([0.25, 0.45]) == []  # [2, 2] and [4, 4]: the bands do not part
+    agreeing = bypass.RouterCalibration(**{**cal.__dict__, "halves": [table, table]})
+    assert agreeing.widest_parted_run(candidates) == [t / 100 for t in range(10, 20)]  # a tie: the first run
+
+
 def test_shipped_calibration_follows_the_rule_and_parts_at_other_tolerances():
     shipped = bypass.RouterCalibration.load(Path(__file__).resolve().parent.parent / "data" /
                                             "adaptive_bypass_smollm2.json")
     assert bypass.skips_for(shipped.measured, shipped.tolerance) == shipped.skip_per_band
     parted = [t / 100 for t in range(1, 61) if len(set(bypass.skips_for(shipped.measured, t / 100))) > 1]
     assert parted  # lesson 06 shows these tolerances: the bands part there
-    # lesson 06's choice: the smallest tolerance at which the bands part and both halves of the calibration agree
-    assert shipped.tolerance == min(set(parted) & set(shipped.stable_tolerances(parted)))
+    # lesson 06's choice: the middle of the widest run over which the bands part and both halves give the plan
+    run = shipped.widest_parted_run([t / 100 for t in range(5, 61)])
+    assert shipped.tolerance == run[len(run) // 2] and len(set(shipped.skip_per_band)) > 1
