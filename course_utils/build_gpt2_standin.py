@@ -25,7 +25,7 @@ Run: ``python -m course_utils.build_gpt2_standin [--out DIR] [--epochs 4] [--gen
 On a CUDA machine everything runs on the GPU. Deterministic for a given seed and machine.
 
 Measured on a 2-core CPU (AMD EPYC with avx512_bf16): the teacher reads ~900 tokens/s in bfloat16 (~400 in
-fp32) and samples ~200-250 tokens/s in batches of 128; the student trains at ~1.7 s per 2,048-token step
+fp32) and samples ~200 tokens/s in batches of 128 (614,400 in 52 min); the student trains at ~1.7 s per 2,048-token step
 in bfloat16 (~2.9 s in fp32). The shipped stand-in was built in two stages (its model card,
 ``data/gpt2_standin/README.md``, has the commands and numbers): 4 epochs on the calibration pool (held-out
 PPL 391), then 2 epochs continued on that pool plus 614,400 teacher-sampled tokens (52 min of sampling, 25 min
@@ -359,7 +359,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=StandinConfig.epochs)
     parser.add_argument("--lr", type=float, default=StandinConfig.lr)
     parser.add_argument("--generated-tokens", type=int, default=StandinConfig.generated_tokens,
-                        help="teacher-sampled tokens added to the training text (2-core CPU: ~0.8 M per hour)")
+                        help="teacher-sampled tokens added to the training text (2-core CPU: ~0.7 M per hour)")
     parser.add_argument("--init", default=None, help="continue from a saved stand-in (e.g. data/gpt2_standin)")
     parser.add_argument("--no-calibration-kd", action="store_true",
                         help="hard labels only on the calibration text (skips the teacher's pass over it)")
