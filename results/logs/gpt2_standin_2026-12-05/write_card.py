@@ -25,7 +25,7 @@ calibration pool only, with the teacher's top-k on it) reached held-out perplexi
 `data/gpt2_standin` as committed before 2026-12-05)
 continued it on the calibration pool's true next tokens plus {numbers['generated']:,} tokens the teacher sampled
 ({sampling[0]} samples, {int(sampling[1]) / 60:.0f} min of sampling): held-out perplexity 391.4 -> {numbers['ppl']:.1f}.
-On the held-back samples the stage-1 stand-in scores 711.7 (`validation_of_stage1.py`), and stage 2
+On the held-back samples the stage-1 stand-in scores 711.7 (`results/logs/gpt2_standin_2026-12-05/validation_of_stage1.py`), and stage 2
 {numbers['validation']} after its two epochs: still falling; more sampled text and more epochs would
 go further, best on a GPU. The < 100 aimed for is not reached.
 """
